@@ -159,10 +159,12 @@ def group_members_indices(group: Target) -> tuple[int, ...]:
 CONTINUOUS_COLUMNS = tuple(column_index(t.name) for t in CONTINUOUS_TARGETS)
 
 
-def check_table(name: str, table: np.ndarray, num_rows: int | None = None, source: str = "") -> None:
+def check_table(name: str, table: np.ndarray, num_rows: int | None = None, source: str = "",
+                names: Sequence[str] | None = None) -> None:
     """Raise ValueError if a label table has the wrong shape or invalid values.
 
-    Names the table (and `source`, e.g. its file), the offending row and column.
+    Names the table (and `source`, e.g. its file), the offending row and column, and the row's
+    generator when `names` (the generator names in row order) is given.
     """
     where = f" ({source})" if source else ""
     expected_cols = TABLE_COLUMNS[name]
@@ -185,8 +187,9 @@ def check_table(name: str, table: np.ndarray, num_rows: int | None = None, sourc
             bad |= (col < 0) | (col >= t.num_classes) | (col != np.round(col))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
+            generator = f" (generator {names[row]})" if names is not None and row < len(names) else ""
             raise ValueError(
-                f"label table {name!r}{where}: row {row}, column {t.column} ({t.name}) has invalid "
+                f"label table {name!r}{where}: row {row}{generator}, column {t.column} ({t.name}) has invalid "
                 f"value {col[row]!r}; expected "
                 + ("a number in [0, 1]" if t.kind == CONTINUOUS else f"a class id in 0..{t.num_classes - 1}")
             )
