@@ -1,0 +1,117 @@
+"""DnCNN building blocks and RE-Net's fingerprint estimation network (DnCNN-17).
+
+A DnCNN of depth D is a stem convolution (3x3, ReLU, no BatchNorm), D - 2 blocks of 3x3
+convolution + BatchNorm + ReLU, and a final 3x3 convolution to 3 channels, all with padding 1 so
+the fingerprint keeps the image's size. RE-Net uses the whole stack as its FEN; AdaParse cuts the
+same stack into three runs (`DnCNN` with `first_block` / `num_blocks`) around its hypernetwork.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over every axis but the last, with torch's training semantics.
+
+    Training mode normalises with the biased batch variance and, like torch, updates the running
+    variance with the unbiased one (n / (n - 1)); flax's own BatchNorm stores the biased variance,
+    which matters for the hypernetwork's BatchNorm1d layers that see only B rows. Statistics and
+    the affine transform are computed in float32 whatever the compute dtype.
+
+    Attributes:
+      momentum: weight of the old running statistic (flax convention: torch's momentum 0.1 is 0.9).
+      epsilon: added to the variance (torch's 1e-5).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """[..., C] -> [..., C]; batch statistics over all leading axes when `train`."""
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        x32 = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)
+            if not self.is_initializing():
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        return ((x32 - mean) * mul + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class ConvBNReLU(nn.Module):
+    """One DnCNN block: 3x3 convolution (padding 1, bias), BatchNorm, ReLU. [B, H, W, C] -> [B, H, W, F]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="conv")(x)
+        x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
+        return nn.relu(x)
+
+
+class DnCNN(nn.Module):
+    """A run of consecutive DnCNN layers. [B, H, W, C_in] -> [B, H, W, width or out_channels].
+
+    Attributes:
+      width: channels of every block.
+      num_blocks: conv-BN-ReLU blocks in this run (may be 0).
+      first_block: global index of the first block, so parameter names (`block6`, ...) say where
+        in the full DnCNN a block sits whichever run holds it.
+      stem: start with the DnCNN's first convolution (3x3 + ReLU, no BatchNorm), named `stem`.
+      out_channels: end with the final 3x3 convolution to this many channels (no BN, no ReLU),
+        named `final`; None for a run that does not end the network.
+    """
+
+    width: int = 64
+    num_blocks: int = 15
+    first_block: int = 1
+    stem: bool = False
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.astype(self.dtype)
+        if self.stem:
+            x = nn.relu(nn.Conv(self.width, (3, 3), padding=1, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="stem")(x))
+        for i in range(self.first_block, self.first_block + self.num_blocks):
+            x = ConvBNReLU(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name=f"block{i}")(x, train)
+        if self.out_channels is not None:
+            x = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="final")(x)
+        return x
+
+
+def dncnn_fen(width: int = 64, depth: int = 17, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32, name: str | None = None) -> DnCNN:
+    """RE-Net's FEN: the whole DnCNN of `depth` convolutions, images -> one fingerprint [B, H, W, 3]."""
+    return DnCNN(width=width, num_blocks=depth - 2, first_block=1, stem=True, out_channels=3,
+                 dtype=dtype, param_dtype=param_dtype, name=name)
