@@ -109,15 +109,17 @@ def parse_splits(obj, source: str = "splits") -> dict[str, tuple[str, ...]]:
     return out
 
 
-def read_splits(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
-    path = Path(path)
+def _read_json(path: Path, missing: str):
     if not path.is_file():
-        raise DatasetError(f"split file {path} does not exist")
+        raise DatasetError(f"{path} does not exist{missing}")
     try:
-        obj = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DatasetError(f"split file {path} is not valid JSON: {e}") from e
-    return parse_splits(obj, str(path))
+        raise DatasetError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_splits(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
+    return parse_splits(_read_json(Path(path), " (split file)"), str(path))
 
 
 def _diffusion() -> dict:
@@ -295,12 +297,7 @@ def load_dataset(path: str | os.PathLike | None = None, *, images: str | os.Path
 def _load_dataset_json(path: Path, extra_aliases: Mapping[str, str]) -> Dataset:
     if path.is_dir():
         path = path / DATASET_JSON
-    if not path.is_file():
-        raise DatasetError(f"{path} does not exist; a dataset directory needs a {DATASET_JSON}")
-    try:
-        desc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from e
+    desc = _read_json(path, f"; a dataset directory needs a {DATASET_JSON}")
     if not isinstance(desc, dict):
         raise DatasetError(f"{path}: expected a JSON object")
     unknown = sorted(set(desc) - _DATASET_JSON_KEYS)
