@@ -466,3 +466,26 @@ class Cache:
             raise CacheError(f"cache {self.path} holds no image of generator(s) {', '.join(empty)} "
                              f"(not prepared, or every file was skipped)")
         return np.flatnonzero(np.isin(self.generator, rows)).astype(np.int64)
+
+
+class BatchReader:
+    """Record positions -> a host batch {"image": uint8 [B, H, W, 3], "generator": int32 [B]}.
+
+    The grain map of the input pipeline. It lives here, not in `pipeline`, so that grain's worker
+    processes unpickle it without importing JAX.
+
+    Args:
+      cache: the cache to read.
+      records: cache record index of each position.
+      rows: label-table row of each cache generator id (empty: keep the cache's ids).
+    """
+
+    def __init__(self, cache: Cache, records: np.ndarray, rows: np.ndarray):
+        self.cache, self.records, self.rows = cache, records, rows
+
+    def __call__(self, positions: np.ndarray) -> dict:
+        rec = self.records[positions]
+        gen = self.cache.generator[rec]
+        if self.rows.size:
+            gen = self.rows[gen]
+        return {"image": self.cache.read(rec), "generator": gen.astype(np.int32)}

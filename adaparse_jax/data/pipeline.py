@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaparse_jax import targets
-from adaparse_jax.data.cache import Cache
+from adaparse_jax.data.cache import BatchReader, Cache
 
 MEAN = 0.6490  # the official Normalize((0.6490,) * 3, (0.1269,) * 3)
 STD = 0.1269
@@ -96,24 +96,13 @@ def _label_rows(cache: Cache, names: Sequence[str] | None) -> np.ndarray:
     return np.asarray([index.get(name, -1) for name in cache.names], np.int32)
 
 
-class _ReadBatch:
-    """grain map: a batch of record positions -> host batch read from the cache (picklable)."""
-
-    def __init__(self, cache: Cache, records: np.ndarray, rows: np.ndarray):
-        self.cache, self.records, self.rows = cache, records, rows
-
-    def __call__(self, positions: np.ndarray) -> dict:
-        rec = self.records[positions]
-        gen = self.cache.generator[rec]
-        if self.rows.size:
-            gen = self.rows[gen]
-        return {"image": self.cache.read(rec), "generator": gen.astype(np.int32)}
-
-
 def _prefetch_to_device(iterator, size: int, sharding) -> Iterator[dict]:
     """Keep `size` batches in flight to the device (device_put is asynchronous)."""
     queue = collections.deque()
     for batch in iterator:
+        # Plain copies: grain workers hand over shared-memory arrays, which device_put may alias on
+        # CPU, keeping every segment alive until exit.
+        batch = {k: np.array(v) for k, v in batch.items()}
         queue.append(jax.device_put(batch, sharding))
         if len(queue) > size:
             yield queue.popleft()
@@ -203,7 +192,7 @@ class Loader:
         ds = self._index.repeat(self.num_epochs)
         if start:
             ds = ds[start:]
-        ds = ds.map(_ReadBatch(self.cache, self.records, self._rows))
+        ds = ds.map(BatchReader(self.cache, self.records, self._rows))
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
                                                   prefetch_buffer_size=self.read_buffer))
         if self.num_workers > 0:
