@@ -471,8 +471,8 @@ class Cache:
 class BatchReader:
     """Record positions -> a host batch {"image": uint8 [B, H, W, 3], "generator": int32 [B]}.
 
-    The grain map of the input pipeline. It lives here, not in `pipeline`, so that grain's worker
-    processes unpickle it without importing JAX.
+    The grain map of the input pipeline (picklable: the cache reopens its memory maps in each
+    grain worker process).
 
     Args:
       cache: the cache to read.

@@ -66,10 +66,6 @@ def gather_labels(label_table: jax.Array, generator: jax.Array) -> dict:
     return targets.split_labels(label_table[generator])
 
 
-def _index_array(positions: Sequence[int]) -> np.ndarray:
-    return np.asarray(positions, np.int64)
-
-
 def batch_indices(num_records: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                   drop_remainder: bool = True) -> grain.MapDataset:
     """The one definition of batch order: a MapDataset of int64 [B] record-position batches.
@@ -81,7 +77,7 @@ def batch_indices(num_records: int, batch_size: int, *, seed: int = 0, shuffle: 
     ds = grain.MapDataset.range(num_records)
     if shuffle:
         ds = ds.seed(seed).shuffle()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_index_array)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if len(ds) == 0:
         raise ValueError(f"{num_records} records make no batch of {batch_size} (drop_remainder={drop_remainder})")
     return ds
