@@ -36,7 +36,9 @@ def _numpy_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     """Independent float reference of the separable resize (horizontal pass, rounded, vertical)."""
     h = np.einsum("oi,hic->hoc", _triangle_weights(rgb.shape[1], size), rgb.astype(np.float64), optimize=True)
     h = np.clip(np.round(h), 0, 255)
-    return np.clip(np.round(np.einsum("oi,ihc->ohc", _triangle_weights(rgb.shape[0], size), h, optimize=True)), 0, 255)
+    return np.clip(
+        np.round(np.einsum("oi,ihc->ohc", _triangle_weights(rgb.shape[0], size), h, optimize=True)), 0, 255
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def prepared(tmp_path_factory):
     (tree["images"] / "WGAN_DRA" / "sub").mkdir()  # an empty sub-folder is harmless
     ds = fixture_dataset(tree)
     out = root / "cache"
-    manifest = cache_lib.prepare_dataset(ds, out, settings=PrepareSettings(shard_size=5), workers=1, progress=False)
+    manifest = cache_lib.prepare_dataset(
+        ds, out, settings=PrepareSettings(shard_size=5), workers=1, progress=False
+    )
     return {"tree": tree, "ds": ds, "out": out, "manifest": manifest, "skips": expected_skips}
 
 
@@ -55,7 +59,7 @@ def test_every_mode_decodes_as_torchvision_would(prepared):
     c = Cache(prepared["out"])
     paths = c.paths
     images = prepared["tree"]["images"]
-    for file, mode, size in MIXED_IMAGES:
+    for file, _, _ in MIXED_IMAGES:
         i = paths.index(f"AAE/mixed/{file}")
         np.testing.assert_array_equal(c.read([i])[0], _pil_reference(images / paths[i]), err_msg=file)
     modes = prepared["manifest"]["generators"][0]["modes"]
@@ -109,8 +113,11 @@ def test_manifest_lists_counts_and_every_skipped_file(prepared):
     for f, reason in skips.items():
         assert got[f"WGAN_DRA/{f}"]["reason"].startswith(reason)
         assert got[f"WGAN_DRA/{f}"]["generator"] == "WGAN_DRA"
-    assert m["totals"] == {"files": sum(g["files"] for g in m["generators"]),
-                           "images": sum(g["images"] for g in m["generators"]), "skipped": len(skips)}
+    assert m["totals"] == {
+        "files": sum(g["files"] for g in m["generators"]),
+        "images": sum(g["images"] for g in m["generators"]),
+        "skipped": len(skips),
+    }
     s = m["settings"]
     assert s["size"] == 64 and s["high_bit_depth"] == "clip" and s["pillow"] == Image.__version__
     assert s["source_root"] == str(prepared["tree"]["images"].resolve()) and s["names"] == list(NAMES)
@@ -122,7 +129,7 @@ def test_records_are_sorted_by_row_then_path(prepared):
     assert len(c) == prepared["manifest"]["totals"]["images"] == len(c.paths)
     assert (np.diff(c.generator) >= 0).all()
     for row, name in enumerate(NAMES):
-        paths = [p for p, g in zip(c.paths, c.generator) if g == row]
+        paths = [p for p, g in zip(c.paths, c.generator, strict=True) if g == row]
         assert paths == sorted(paths) and all(p.startswith(name + "/") for p in paths)
     np.testing.assert_array_equal(c.records(["CONTRAGAN"]), np.flatnonzero(c.generator == 2))
     item = c[5]
@@ -171,13 +178,18 @@ def test_other_settings_are_refused_or_rebuilt(tmp_path):
     ds = fixture_dataset(tree)
     out = tmp_path / "cache"
     cache_lib.prepare_dataset(ds, out, workers=1, progress=False)
-    with pytest.raises(CacheError, match=r"other settings:\n  - size: cache has 64, requested 32\n.*--rebuild"):
+    with pytest.raises(
+        CacheError, match=r"other settings:\n  - size: cache has 64, requested 32\n.*--rebuild"
+    ):
         cache_lib.prepare_dataset(ds, out, settings=PrepareSettings(size=32), workers=1, progress=False)
     with pytest.raises(CacheError, match="high_bit_depth: cache has 'clip', requested 'scale'"):
-        cache_lib.prepare_dataset(ds, out, settings=PrepareSettings(high_bit_depth="scale"), workers=1,
-                                  progress=False)
+        cache_lib.prepare_dataset(
+            ds, out, settings=PrepareSettings(high_bit_depth="scale"), workers=1, progress=False
+        )
     assert Cache(out).size == 64  # refusing left the cache intact
-    cache_lib.prepare_dataset(ds, out, settings=PrepareSettings(size=32), workers=1, progress=False, rebuild=True)
+    cache_lib.prepare_dataset(
+        ds, out, settings=PrepareSettings(size=32), workers=1, progress=False, rebuild=True
+    )
     c = Cache(out)
     assert c.size == 32 and c.read([0]).shape == (1, 32, 32, 3)
     assert len(list((out / "shards").glob("*.npy"))) == len(NAMES)
@@ -196,10 +208,12 @@ def test_parallel_prepare_equals_serial(tmp_path):
     tree = make_tree(tmp_path, per_generator=4)
     add_bad_files(tree["images"] / "CONT_ENC")
     ds = fixture_dataset(tree)
-    a = cache_lib.prepare_dataset(ds, tmp_path / "a", settings=PrepareSettings(shard_size=3), workers=1,
-                                  progress=False)
-    b = cache_lib.prepare_dataset(ds, tmp_path / "b", settings=PrepareSettings(shard_size=3), workers=2,
-                                  progress=False)
+    a = cache_lib.prepare_dataset(
+        ds, tmp_path / "a", settings=PrepareSettings(shard_size=3), workers=1, progress=False
+    )
+    b = cache_lib.prepare_dataset(
+        ds, tmp_path / "b", settings=PrepareSettings(shard_size=3), workers=2, progress=False
+    )
     for key in ("totals", "generators", "skipped", "shards"):
         assert a[key] == b[key]
     ca, cb = Cache(tmp_path / "a"), Cache(tmp_path / "b")
@@ -252,8 +266,21 @@ def test_cli_reports_skips_and_refuses_bad_trees(tmp_path, capsys):
     tree = make_tree(tmp_path, per_generator=2, mixed=False)
     skips = add_bad_files(tree["images"] / "AAE")
     (tree["images"] / "EXTRA").mkdir()
-    args = ["--images", str(tree["images"]), "--labels", str(tree["labels"]), "--names", str(tree["names"]),
-            "--splits", str(tree["splits"]), "--out", str(tmp_path / "c"), "--workers", "1", "--no-progress"]
+    args = [
+        "--images",
+        str(tree["images"]),
+        "--labels",
+        str(tree["labels"]),
+        "--names",
+        str(tree["names"]),
+        "--splits",
+        str(tree["splits"]),
+        "--out",
+        str(tmp_path / "c"),
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert prepare.main(args) == 0
@@ -267,6 +294,18 @@ def test_cli_reports_skips_and_refuses_bad_trees(tmp_path, capsys):
     assert prepare.main(args) == 2
     err = capsys.readouterr().err
     assert "missing: ground_truth_net_116_15dim.npy" in err and "found in the directory: " in err
-    assert prepare.main(["--folder", str(tree["images"] / "CONT_ENC"), "--out", str(tmp_path / "u"),
-                         "--no-progress", "--workers", "1"]) == 0
+    assert (
+        prepare.main(
+            [
+                "--folder",
+                str(tree["images"] / "CONT_ENC"),
+                "--out",
+                str(tmp_path / "u"),
+                "--no-progress",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "CONT_ENC: 1 generator(s), 2 files -> 2 images, 0 skipped" in capsys.readouterr().out

@@ -19,8 +19,9 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     tree = make_tree(root, per_generator=5)
     ds = fixture_dataset(tree)
-    cache_lib.prepare_dataset(ds, root / "cache", settings=PrepareSettings(size=16, shard_size=4), workers=1,
-                              progress=False)
+    cache_lib.prepare_dataset(
+        ds, root / "cache", settings=PrepareSettings(size=16, shard_size=4), workers=1, progress=False
+    )
     return {"ds": ds, "cache": Cache(root / "cache")}
 
 
@@ -34,7 +35,7 @@ def _take(loader, n):
 
 def _assert_same(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["generator"], y["generator"])
 
@@ -101,9 +102,14 @@ def test_evaluation_is_one_ordered_pass(built, mode):
     c = built["cache"]
     loader = Loader(c, batch_size=7, train=False, mode=mode)
     batches = _host(loader)
-    assert [len(b["generator"]) for b in batches] == [7] * (len(c) // 7) + ([len(c) % 7] if len(c) % 7 else [])
+    assert [len(b["generator"]) for b in batches] == [7] * (len(c) // 7) + (
+        [len(c) % 7] if len(c) % 7 else []
+    )
     np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), c.read(np.arange(len(c))))
     np.testing.assert_array_equal(np.concatenate([b["generator"] for b in batches]), c.generator)
+    assert not _host(loader)  # one pass only, until reset
+    loader.reset()
+    _assert_same(_host(loader), batches)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(built):
@@ -112,7 +118,7 @@ def test_same_seed_same_batches_other_seed_other_batches(built):
     b = _take(Loader(c, batch_size=5, seed=11), 12)
     other = _take(Loader(c, batch_size=5, seed=12), 12)
     _assert_same(a, b)
-    assert any((x["generator"] != y["generator"]).any() for x, y in zip(a, other))
+    assert any((x["generator"] != y["generator"]).any() for x, y in zip(a, other, strict=True))
 
 
 def test_device_resident_yields_the_grain_batches(built):
@@ -124,7 +130,9 @@ def test_device_resident_yields_the_grain_batches(built):
     _assert_same(grain_batches, device_batches)
 
 
-@pytest.mark.parametrize("save_mode,load_mode", [("grain", "grain"), ("device", "device"), ("device", "grain")])
+@pytest.mark.parametrize(
+    "save_mode,load_mode", [("grain", "grain"), ("device", "device"), ("device", "grain")]
+)
 def test_restored_loader_continues_identically(built, save_mode, load_mode):
     c = built["cache"]
     first = Loader(c, batch_size=4, seed=2, mode=save_mode)
@@ -195,14 +203,34 @@ def test_few_thousand_mixed_images_end_to_end(tmp_path, capsys):
                 suffix = ".png"
             if mode == "CMYK" and suffix not in (".jpg", ".tiff"):
                 suffix = ".jpg"
-            write_image(tree["images"] / name / f"many_{i:04d}{suffix}", rng, mode,
-                        (int(rng.integers(6, 40)), int(rng.integers(6, 40))))
+            write_image(
+                tree["images"] / name / f"many_{i:04d}{suffix}",
+                rng,
+                mode,
+                (int(rng.integers(6, 40)), int(rng.integers(6, 40))),
+            )
             count += 1
     bad = {name: add_bad_files(tree["images"] / name / "bad") for name in NAMES[::2]}
     out = tmp_path / "cache"
-    args = ["--images", str(tree["images"]), "--labels", str(tree["labels"]), "--names", str(tree["names"]),
-            "--splits", str(tree["splits"]), "--out", str(out), "--workers", "2", "--size", "16",
-            "--shard-size", "250", "--no-progress"]
+    args = [
+        "--images",
+        str(tree["images"]),
+        "--labels",
+        str(tree["labels"]),
+        "--names",
+        str(tree["names"]),
+        "--splits",
+        str(tree["splits"]),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--size",
+        "16",
+        "--shard-size",
+        "250",
+        "--no-progress",
+    ]
     assert prepare.main(args) == 0
     report = capsys.readouterr().out
     expected_skips = {f"{name}/bad/{f}" for name, files in bad.items() for f in files}
@@ -213,7 +241,9 @@ def test_few_thousand_mixed_images_end_to_end(tmp_path, capsys):
     assert len(c) == count + len(NAMES) + 12  # + make_tree's images and its 12 mixed-mode files
     split = fixture_dataset(tree).test_splits["1"]
     train = [n for n in NAMES if n not in split]
-    runs = [_take(Loader(c, train, batch_size=64, seed=1, mode=mode), 40) for mode in ("grain", "grain", "device")]
+    runs = [
+        _take(Loader(c, train, batch_size=64, seed=1, mode=mode), 40) for mode in ("grain", "grain", "device")
+    ]
     _assert_same(runs[0], runs[1])
     _assert_same(runs[0], runs[2])
     assert prepare.main(args) == 0  # a rerun reuses every shard

@@ -29,9 +29,11 @@ def random_tables(num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     net[:, :9] = rng.random((num_rows, 9))
     for t in targets.DISCRETE_TARGETS:
         net[:, t.column] = rng.integers(0, t.num_classes, num_rows)
-    return {targets.NET_TABLE: net,
-            targets.LOSS10_TABLE: rng.integers(0, 2, (num_rows, 10)).astype(np.float64),
-            targets.LOSS3_TABLE: rng.integers(0, 2, (num_rows, 3)).astype(np.float64)}
+    return {
+        targets.NET_TABLE: net,
+        targets.LOSS10_TABLE: rng.integers(0, 2, (num_rows, 10)).astype(np.float64),
+        targets.LOSS3_TABLE: rng.integers(0, 2, (num_rows, 3)).astype(np.float64),
+    }
 
 
 def write_labels(directory: Path, tables: dict[str, np.ndarray], variant: str = re116.RE116) -> None:
@@ -40,7 +42,9 @@ def write_labels(directory: Path, tables: dict[str, np.ndarray], variant: str = 
         np.save(directory / re116.LABEL_FILES[variant][key], table)
 
 
-def write_image(path: Path, rng: np.random.Generator, mode: str = "RGB", size=(40, 30), fmt: str | None = None):
+def write_image(
+    path: Path, rng: np.random.Generator, mode: str = "RGB", size=(40, 30), fmt: str | None = None
+):
     """A random image of `mode` and `size` (w, h); the format follows the suffix unless `fmt`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
@@ -53,8 +57,9 @@ def write_image(path: Path, rng: np.random.Generator, mode: str = "RGB", size=(4
             image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(16)
     else:
         channels = len(Image.new(mode, (1, 1)).getbands())
-        image = Image.fromarray(rng.integers(0, 256, (h, w, channels), dtype=np.uint8).squeeze(), None
-                                if channels > 1 else "L")
+        image = Image.fromarray(
+            rng.integers(0, 256, (h, w, channels), dtype=np.uint8).squeeze(), None if channels > 1 else "L"
+        )
         if image.mode != mode:
             image = Image.frombytes(mode, (w, h), image.tobytes())
     image.save(path, fmt)
@@ -78,8 +83,14 @@ MIXED_IMAGES = (
 )
 
 
-def make_tree(root: Path, names=NAMES, per_generator: int = 3, seed: int = 0, mixed: bool = True,
-              splits: dict | None = None) -> dict:
+def make_tree(
+    root: Path,
+    names=NAMES,
+    per_generator: int = 3,
+    seed: int = 0,
+    mixed: bool = True,
+    splits: dict | None = None,
+) -> dict:
     """An RE-116-layout tree: images/<NAME>/..., labels/<official files>, models.txt, splits.json.
 
     The first generator gets every image mode of MIXED_IMAGES plus bad files; the others plain PNGs.
@@ -96,9 +107,16 @@ def make_tree(root: Path, names=NAMES, per_generator: int = 3, seed: int = 0, mi
     tables = random_tables(len(names), seed)
     write_labels(labels, tables)
     (root / "models.txt").write_text("\n".join(names) + "\n")
-    (root / "splits.json").write_text(json.dumps({"test_splits": splits or {"1": [names[1]], "2": [names[-1]]}}))
-    return {"images": images, "labels": labels, "names": root / "models.txt", "splits": root / "splits.json",
-            "tables": tables}
+    (root / "splits.json").write_text(
+        json.dumps({"test_splits": splits or {"1": [names[1]], "2": [names[-1]]}})
+    )
+    return {
+        "images": images,
+        "labels": labels,
+        "names": root / "models.txt",
+        "splits": root / "splits.json",
+        "tables": tables,
+    }
 
 
 def add_bad_files(folder: Path) -> dict[str, str]:
@@ -112,19 +130,28 @@ def add_bad_files(folder: Path) -> dict[str, str]:
     write_image(jpg, rng, size=(64, 64))
     jdata = jpg.read_bytes()
     jpg.unlink()
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)))
+    (folder / "corrupt.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 300, dtype=np.uint8))
+    )
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     (folder / "truncated.jpg").write_bytes(jdata[: len(jdata) // 2])
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "readme.txt").write_text("not an image")
     (folder / "text_named.png").write_text("not an image either")
-    return {"corrupt.png": "cannot decode", "truncated.png": "cannot decode", "truncated.jpg": "cannot decode",
-            "zero.jpg": "empty file", "readme.txt": "not an image extension", "text_named.png": "cannot decode"}
+    return {
+        "corrupt.png": "cannot decode",
+        "truncated.png": "cannot decode",
+        "truncated.jpg": "cannot decode",
+        "zero.jpg": "empty file",
+        "readme.txt": "not an image extension",
+        "text_named.png": "cannot decode",
+    }
 
 
 def fixture_dataset(tree: dict, **kwargs) -> re116.Dataset:
-    return re116.load_dataset(images=tree["images"], labels=tree["labels"], names=tree["names"],
-                              splits=tree["splits"], **kwargs)
+    return re116.load_dataset(
+        images=tree["images"], labels=tree["labels"], names=tree["names"], splits=tree["splits"], **kwargs
+    )
 
 
 @pytest.fixture
@@ -144,8 +171,13 @@ def test_shipped_names_and_splits_match_reference(shared_re116):
 
 
 def test_shipped_splits_are_12_test_104_train():
-    ds = re116.Dataset("RE-116", re116.variant_names(re116.RE116), np.zeros((116, 28), np.float32),
-                       Path("."), re116.variant_splits(re116.RE116))
+    ds = re116.Dataset(
+        "RE-116",
+        re116.variant_names(re116.RE116),
+        np.zeros((116, 28), np.float32),
+        Path("."),
+        re116.variant_splits(re116.RE116),
+    )
     seen = set()
     for k in ("1", "2", "3", "4"):
         split = re116.make_split(ds, k)
@@ -178,7 +210,7 @@ def test_labels_align_by_name_with_reference(shared_re116, tmp_path):
     for name in ("STYLEGAN", "CONT_ENC", "CONTRAGAN", "WGAN_DRA", "WGAN_WC", "WGANGP"):
         row = ds.row(name)
         assert row == ref_names.index(name)
-        tables = targets.tables_from_matrix(ds.labels[row: row + 1])
+        tables = targets.tables_from_matrix(ds.labels[row : row + 1])
         np.testing.assert_allclose(tables[targets.NET_TABLE][0], net[row])
         np.testing.assert_allclose(tables[targets.LOSS10_TABLE][0], loss10[row])
         np.testing.assert_allclose(tables[targets.LOSS3_TABLE][0], loss3[row])
@@ -196,7 +228,14 @@ def test_re123_labels_aliases_and_diffusion_splits(shared_re116, tmp_path):
         (images / f"Z_{k}" / "a.png").touch()
     ds = re116.load_dataset(images=images, labels=shared_re116, variant=re116.RE123)
     assert ds.labels.shape == (123, 28) and ds.names[116:] == (
-        "ADM", "ADM_G", "DDPM", "DDIM", "LDM", "STABLE_DIFFUSION", "GLIDE")
+        "ADM",
+        "ADM_G",
+        "DDPM",
+        "DDIM",
+        "LDM",
+        "STABLE_DIFFUSION",
+        "GLIDE",
+    )
     dm_net = np.load(shared_re116 / "DM_net_arch.npy")
     np.testing.assert_allclose(targets.tables_from_matrix(ds.labels)[targets.NET_TABLE], dm_net)
     tree = re116.validate_tree(ds)
@@ -269,19 +308,24 @@ def test_unknown_name_in_split_is_an_error(tmp_path):
 
 def test_row_count_mismatch_is_an_error(tmp_path):
     tree = make_tree(tmp_path, mixed=False)
-    np.save(tree["labels"] / re116.LABEL_FILES[re116.RE116][targets.LOSS3_TABLE],
-            tree["tables"][targets.LOSS3_TABLE][:-1])
+    np.save(
+        tree["labels"] / re116.LABEL_FILES[re116.RE116][targets.LOSS3_TABLE],
+        tree["tables"][targets.LOSS3_TABLE][:-1],
+    )
     with pytest.raises(DatasetError, match=r"'loss3' .*has 5 rows but 6 generator names"):
         fixture_dataset(tree)
 
 
-@pytest.mark.parametrize("table,row,column,value,expect", [
-    (targets.NET_TABLE, 3, 4, np.nan, r"row 3 \(generator WGAN_DRA\), column 4 \(norm_layers\).*nan"),
-    (targets.NET_TABLE, 1, 2, 1.5, r"row 1 \(generator CONT_ENC\), column 2 \(fc_layers\).*\[0, 1\]"),
-    (targets.NET_TABLE, 5, 9, 4.0, r"row 5 \(generator WGANGP\), column 9 \(normalization\).*0\.\.3"),
-    (targets.LOSS10_TABLE, 2, 7, 0.5, r"row 2 \(generator CONTRAGAN\), column 7 \(adversarial\)"),
-    (targets.LOSS3_TABLE, 0, 2, -1.0, r"row 0 \(generator AAE\), column 2 \(loss_group3\)"),
-])
+@pytest.mark.parametrize(
+    "table,row,column,value,expect",
+    [
+        (targets.NET_TABLE, 3, 4, np.nan, r"row 3 \(generator WGAN_DRA\), column 4 \(norm_layers\).*nan"),
+        (targets.NET_TABLE, 1, 2, 1.5, r"row 1 \(generator CONT_ENC\), column 2 \(fc_layers\).*\[0, 1\]"),
+        (targets.NET_TABLE, 5, 9, 4.0, r"row 5 \(generator WGANGP\), column 9 \(normalization\).*0\.\.3"),
+        (targets.LOSS10_TABLE, 2, 7, 0.5, r"row 2 \(generator CONTRAGAN\), column 7 \(adversarial\)"),
+        (targets.LOSS3_TABLE, 0, 2, -1.0, r"row 0 \(generator AAE\), column 2 \(loss_group3\)"),
+    ],
+)
 def test_invalid_label_names_generator_and_column(tmp_path, table, row, column, value, expect):
     tree = make_tree(tmp_path, mixed=False)
     bad = tree["tables"][table].copy()
@@ -325,7 +369,12 @@ def test_all_tree_problems_in_one_error(tmp_path):
     with pytest.raises(DatasetError) as e:
         re116.validate_tree(fixture_dataset(tree))
     msg = str(e.value)
-    assert "NOPE (split 1)" in msg and "have no folder" in msg and "WGANGP" in msg and "without any image: AAE" in msg
+    assert (
+        "NOPE (split 1)" in msg
+        and "have no folder" in msg
+        and "WGANGP" in msg
+        and "without any image: AAE" in msg
+    )
 
 
 def test_duplicate_names_and_bad_alias(tmp_path):
@@ -350,8 +399,13 @@ def test_alias_folder_and_ambiguity(tmp_path):
 
 def test_dataset_json(tmp_path):
     tree = make_tree(tmp_path, mixed=False)
-    desc = {"name": "zoo", "images": "images", "names": "models.txt", "splits": "splits.json",
-            "labels": {k: f"labels/{f}" for k, f in re116.LABEL_FILES[re116.RE116].items()}}
+    desc = {
+        "name": "zoo",
+        "images": "images",
+        "names": "models.txt",
+        "splits": "splits.json",
+        "labels": {k: f"labels/{f}" for k, f in re116.LABEL_FILES[re116.RE116].items()},
+    }
     (tmp_path / "dataset.json").write_text(json.dumps(desc))
     for path in (tmp_path, tmp_path / "dataset.json"):
         ds = re116.load_dataset(path)
@@ -363,8 +417,13 @@ def test_dataset_json(tmp_path):
 
 
 def test_validation_split_is_deterministic_by_seed(tmp_path):
-    ds = re116.Dataset("RE-116", re116.variant_names(re116.RE116), np.zeros((116, 28), np.float32),
-                       Path("."), re116.variant_splits(re116.RE116))
+    ds = re116.Dataset(
+        "RE-116",
+        re116.variant_names(re116.RE116),
+        np.zeros((116, 28), np.float32),
+        Path("."),
+        re116.variant_splits(re116.RE116),
+    )
     a = re116.make_split(ds, 2, num_val=8, val_seed=3)
     assert a == re116.make_split(ds, 2, num_val=8, val_seed=3)
     b = re116.make_split(ds, 2, num_val=8, val_seed=4)

@@ -2,7 +2,14 @@
 grain / device-resident input pipeline (`pipeline`, imported on first use since it loads JAX)."""
 
 from adaparse_jax.data import cache, re116
-from adaparse_jax.data.cache import Cache, CacheError, PrepareSettings, decode_image, prepare_dataset, prepare_folder
+from adaparse_jax.data.cache import (
+    Cache,
+    CacheError,
+    PrepareSettings,
+    decode_image,
+    prepare_dataset,
+    prepare_folder,
+)
 from adaparse_jax.data.re116 import (
     Dataset,
     DatasetError,
@@ -14,6 +21,25 @@ from adaparse_jax.data.re116 import (
 )
 
 _LAZY = {"pipeline", "Loader", "normalize", "gather_labels", "put_labels", "batch_indices"}
+
+__all__ = [
+    "cache",
+    "re116",
+    "Cache",
+    "CacheError",
+    "PrepareSettings",
+    "decode_image",
+    "prepare_dataset",
+    "prepare_folder",
+    "Dataset",
+    "DatasetError",
+    "ExtraFoldersWarning",
+    "Split",
+    "load_dataset",
+    "make_split",
+    "validate_tree",
+    *sorted(_LAZY),
+]
 
 
 def __getattr__(name):

@@ -31,10 +31,10 @@ import concurrent.futures
 from collections.abc import Iterator, Sequence
 
 import grain
-from absl import flags as absl_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags as absl_flags
 
 from adaparse_jax import targets
 from adaparse_jax.data.cache import BatchReader, Cache
@@ -66,8 +66,9 @@ def gather_labels(label_table: jax.Array, generator: jax.Array) -> dict:
     return targets.split_labels(label_table[generator])
 
 
-def batch_indices(num_records: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                  drop_remainder: bool = True) -> grain.MapDataset:
+def batch_indices(
+    num_records: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_remainder: bool = True
+) -> grain.MapDataset:
     """The one definition of batch order: a MapDataset of int64 [B] record-position batches.
 
     Index k >= len (one epoch) addresses later epochs: each reshuffled with grain's per-epoch seed.
@@ -79,7 +80,9 @@ def batch_indices(num_records: int, batch_size: int, *, seed: int = 0, shuffle: 
         ds = ds.seed(seed).shuffle()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if len(ds) == 0:
-        raise ValueError(f"{num_records} records make no batch of {batch_size} (drop_remainder={drop_remainder})")
+        raise ValueError(
+            f"{num_records} records make no batch of {batch_size} (drop_remainder={drop_remainder})"
+        )
     return ds
 
 
@@ -96,9 +99,9 @@ def _prefetch_to_device(iterator, size: int, sharding) -> Iterator[dict]:
     """Keep `size` batches in flight to the device (device_put is asynchronous)."""
     queue = collections.deque()
     for batch in iterator:
-        # Plain copies: grain workers hand over shared-memory arrays, which device_put may alias on
-        # CPU, keeping every segment alive until exit.
-        batch = {k: np.array(v) for k, v in batch.items()}
+        # Plain copies of grain workers' shared-memory arrays: device_put may alias them on CPU,
+        # which keeps every segment alive until exit.
+        batch = {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
         queue.append(jax.device_put(batch, sharding))
         if len(queue) > size:
             yield queue.popleft()
@@ -140,10 +143,23 @@ class Loader:
     that followed when the state was taken, in either mode and with any worker count.
     """
 
-    def __init__(self, cache: Cache, generators: Sequence[str] | None = None, *, batch_size: int,
-                 seed: int = 0, train: bool = True, num_epochs: int | None = None, mode: str = "grain",
-                 num_workers: int = 0, read_threads: int = 2, read_buffer: int = 8, prefetch: int = 2,
-                 names: Sequence[str] | None = None, sharding=None):
+    def __init__(
+        self,
+        cache: Cache,
+        generators: Sequence[str] | None = None,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        train: bool = True,
+        num_epochs: int | None = None,
+        mode: str = "grain",
+        num_workers: int = 0,
+        read_threads: int = 2,
+        read_buffer: int = 8,
+        prefetch: int = 2,
+        names: Sequence[str] | None = None,
+        sharding=None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.cache = cache
@@ -151,13 +167,17 @@ class Loader:
         rows = _label_rows(cache, names)
         if rows.size and (rows[np.unique(cache.generator[self.records])] < 0).any():
             absent = sorted({cache.names[g] for g in np.unique(cache.generator[self.records]) if rows[g] < 0})
-            raise ValueError(f"generators {', '.join(absent)} of cache {cache.path} are not in the label names")
+            raise ValueError(
+                f"generators {', '.join(absent)} of cache {cache.path} are not in the label names"
+            )
         self._rows = rows
         self.batch_size, self.seed, self.train, self.mode = batch_size, seed, train, mode
         self.num_epochs = num_epochs if num_epochs is not None or train else 1
         self.num_workers, self.read_threads, self.read_buffer = num_workers, read_threads, read_buffer
         self.prefetch, self.sharding = prefetch, sharding
-        self._index = batch_indices(len(self.records), batch_size, seed=seed, shuffle=train, drop_remainder=train)
+        self._index = batch_indices(
+            len(self.records), batch_size, seed=seed, shuffle=train, drop_remainder=train
+        )
         self.steps_per_epoch = len(self._index)
         self._full_steps = len(self.records) // batch_size  # eval's partial batch is handled apart
         self._next = 0
@@ -176,7 +196,8 @@ class Loader:
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Record positions (into `records`) of epoch `epoch`'s full batches: int32 [S_full, B]."""
         base = epoch * self.steps_per_epoch
-        return np.stack([self._index[base + s] for s in range(self._full_steps)]).astype(np.int32)
+        rows = [self._index[base + s] for s in range(self._full_steps)]
+        return np.stack(rows).astype(np.int32) if rows else np.zeros((0, self.batch_size), np.int32)
 
     def _stop(self) -> int | None:
         return None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
@@ -189,8 +210,9 @@ class Loader:
         if start:
             ds = ds[start:]
         ds = ds.map(BatchReader(self.cache, self.records, self._rows))
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
-                                                  prefetch_buffer_size=self.read_buffer))
+        it = ds.to_iter_dataset(
+            grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.read_buffer)
+        )
         if self.num_workers > 0:
             # grain 0.2.x reads an absl flag when starting workers and fails if the program never
             # parsed flags (google/grain#1355, fixed upstream); parsed defaults are what it wants.
@@ -211,8 +233,10 @@ class Loader:
             gen = self.cache.generator[self.records]
             if self._rows.size:
                 gen = self._rows[gen]
-            self._resident = (jax.device_put(self.cache.read(self.records), self.sharding),
-                              jax.device_put(gen.astype(np.int32), self.sharding))
+            self._resident = (
+                jax.device_put(self.cache.read(self.records), self.sharding),
+                jax.device_put(gen.astype(np.int32), self.sharding),
+            )
         return self._resident
 
     def _table(self, epoch: int) -> jax.Array:
@@ -252,17 +276,29 @@ class Loader:
 
     def get_state(self) -> dict:
         epoch, step = divmod(self._next, self.steps_per_epoch)
-        return {"epoch": epoch, "step": step, "seed": self.seed, "batch_size": self.batch_size,
-                "num_records": len(self.records), "train": self.train}
+        return {
+            "epoch": epoch,
+            "step": step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_records": len(self.records),
+            "train": self.train,
+        }
 
     def set_state(self, state: dict) -> None:
         for key in ("seed", "batch_size", "num_records", "train"):
             mine = self.get_state()[key]
             if key in state and state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {key}={mine!r}; "
-                                 "it cannot continue that sequence")
+                raise ValueError(
+                    f"loader state has {key}={state[key]!r} but this loader has {key}={mine!r}; "
+                    "it cannot continue that sequence"
+                )
         self._close_iter()
         self._next = int(state["epoch"]) * self.steps_per_epoch + int(state["step"])
+
+    def reset(self) -> None:
+        """Start again from the first batch (e.g. for another evaluation pass)."""
+        self.set_state({"epoch": 0, "step": 0})
 
     def _close_iter(self) -> None:
         if self._grain_iter is not None and hasattr(self._grain_iter, "close"):
@@ -281,4 +317,3 @@ class Loader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

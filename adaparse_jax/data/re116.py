@@ -195,8 +195,10 @@ def load_tables(files: Mapping[str, str | os.PathLike], names: Sequence[str]) ->
     for key in targets.TABLE_COLUMNS:
         path = Path(files[key])
         if not path.is_file():
-            raise DatasetError(f"label table {key!r}: file {path} does not exist; the directory "
-                               f"holds: {_listing(path.parent)}")
+            raise DatasetError(
+                f"label table {key!r}: file {path} does not exist; the directory "
+                f"holds: {_listing(path.parent)}"
+            )
         try:
             table = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -253,10 +255,16 @@ def _check_aliases(aliases: Mapping[str, str], names: Sequence[str], source: str
         raise DatasetError(f"{source}: folder aliases point to unknown generators: {', '.join(unknown)}")
 
 
-def load_dataset(path: str | os.PathLike | None = None, *, images: str | os.PathLike | None = None,
-                 labels: str | os.PathLike | None = None, names: str | os.PathLike | None = None,
-                 splits: str | os.PathLike | None = None, variant: str = "auto",
-                 aliases: Mapping[str, str] | None = None) -> Dataset:
+def load_dataset(
+    path: str | os.PathLike | None = None,
+    *,
+    images: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    names: str | os.PathLike | None = None,
+    splits: str | os.PathLike | None = None,
+    variant: str = "auto",
+    aliases: Mapping[str, str] | None = None,
+) -> Dataset:
     """Describe a dataset, from a dataset.json (or its directory) or from RE-116/RE-123 parts.
 
     Args:
@@ -303,14 +311,20 @@ def _load_dataset_json(path: Path, extra_aliases: Mapping[str, str]) -> Dataset:
     unknown = sorted(set(desc) - _DATASET_JSON_KEYS)
     missing = sorted({"images", "names", "labels"} - set(desc))
     if unknown or missing:
-        raise DatasetError(f"{path}: " + "; ".join(
-            ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else []))
-            + f"; expected keys {sorted(_DATASET_JSON_KEYS)}")
+        raise DatasetError(
+            f"{path}: "
+            + "; ".join(
+                ([f"unknown keys {unknown}"] if unknown else [])
+                + ([f"missing keys {missing}"] if missing else [])
+            )
+            + f"; expected keys {sorted(_DATASET_JSON_KEYS)}"
+        )
     base = path.parent
     label_desc = desc["labels"]
     if not isinstance(label_desc, dict) or set(label_desc) != set(targets.TABLE_COLUMNS):
-        raise DatasetError(f"{path}: 'labels' must map exactly {sorted(targets.TABLE_COLUMNS)} to files, "
-                           f"got {label_desc!r}")
+        raise DatasetError(
+            f"{path}: 'labels' must map exactly {sorted(targets.TABLE_COLUMNS)} to files, got {label_desc!r}"
+        )
     gen_names = read_names(base / desc["names"])
     files = {k: base / f for k, f in label_desc.items()}
     matrix = load_tables(files, gen_names)
@@ -353,8 +367,11 @@ def list_files(root: Path, folder: str) -> list[SourceFile]:
                 st = full.stat()
             except OSError:  # a dangling link: keep it, decoding will record why it is skipped
                 st = None
-            out.append(SourceFile(full.relative_to(root).as_posix(),
-                                  st.st_size if st else -1, st.st_mtime_ns if st else 0))
+            out.append(
+                SourceFile(
+                    full.relative_to(root).as_posix(), st.st_size if st else -1, st.st_mtime_ns if st else 0
+                )
+            )
     out.sort(key=lambda s: s.path)
     return out
 
@@ -389,8 +406,9 @@ def validate_tree(dataset: Dataset, generators: Sequence[str] | None = None) -> 
     if not root.is_dir():
         raise DatasetError(f"{dataset.name}: image root {root} does not exist (or is not a directory)")
     problems = []
-    unknown_split = sorted({f"{n} (split {k})" for k, ns in dataset.test_splits.items()
-                            for n in ns if n not in dataset.names})
+    unknown_split = sorted(
+        {f"{n} (split {k})" for k, ns in dataset.test_splits.items() for n in ns if n not in dataset.names}
+    )
     if unknown_split:
         problems.append("test splits name unknown generators: " + ", ".join(unknown_split))
     required = list(dataset.names if generators is None else generators)
@@ -425,11 +443,16 @@ def validate_tree(dataset: Dataset, generators: Sequence[str] | None = None) -> 
     known = set(dataset.names) | set(dataset.aliases)
     extra = [f for f in on_disk if f not in known]
     if extra:  # also before an error: a misnamed folder shows up on both lists
-        warnings.warn(f"{dataset.name}: {len(extra)} folder(s) in {root} belong to no generator and are "
-                      f"ignored: {', '.join(extra)}", ExtraFoldersWarning, stacklevel=2)
+        warnings.warn(
+            f"{dataset.name}: {len(extra)} folder(s) in {root} belong to no generator and are "
+            f"ignored: {', '.join(extra)}",
+            ExtraFoldersWarning,
+            stacklevel=2,
+        )
     if problems:
-        raise DatasetError(f"{dataset.name} image tree {root} cannot be used:\n"
-                           + "\n".join(f"  - {p}" for p in problems))
+        raise DatasetError(
+            f"{dataset.name} image tree {root} cannot be used:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     return Tree(root=root, folders=folders, files=files)
 
 
