@@ -9,7 +9,15 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_re116 import MIXED_IMAGES, NAMES, add_bad_files, fixture_dataset, make_tree, write_image
+from test_data_re116 import (
+    MIXED_IMAGES,
+    NAMES,
+    add_bad_files,
+    cli_args,
+    fixture_dataset,
+    make_tree,
+    write_image,
+)
 
 from adaparse_jax import prepare
 from adaparse_jax.data import cache as cache_lib
@@ -266,21 +274,7 @@ def test_cli_reports_skips_and_refuses_bad_trees(tmp_path, capsys):
     tree = make_tree(tmp_path, per_generator=2, mixed=False)
     skips = add_bad_files(tree["images"] / "AAE")
     (tree["images"] / "EXTRA").mkdir()
-    args = [
-        "--images",
-        str(tree["images"]),
-        "--labels",
-        str(tree["labels"]),
-        "--names",
-        str(tree["names"]),
-        "--splits",
-        str(tree["splits"]),
-        "--out",
-        str(tmp_path / "c"),
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
+    args = cli_args(tree, tmp_path / "c", "--workers", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert prepare.main(args) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_data_re116 import NAMES, add_bad_files, fixture_dataset, make_tree, write_image
+from test_data_re116 import NAMES, add_bad_files, cli_args, fixture_dataset, make_tree, write_image
 
 from adaparse_jax import prepare, targets
 from adaparse_jax.data import cache as cache_lib
@@ -212,25 +212,7 @@ def test_few_thousand_mixed_images_end_to_end(tmp_path, capsys):
             count += 1
     bad = {name: add_bad_files(tree["images"] / name / "bad") for name in NAMES[::2]}
     out = tmp_path / "cache"
-    args = [
-        "--images",
-        str(tree["images"]),
-        "--labels",
-        str(tree["labels"]),
-        "--names",
-        str(tree["names"]),
-        "--splits",
-        str(tree["splits"]),
-        "--out",
-        str(out),
-        "--workers",
-        "2",
-        "--size",
-        "16",
-        "--shard-size",
-        "250",
-        "--no-progress",
-    ]
+    args = cli_args(tree, out, "--workers", "2", "--size", "16", "--shard-size", "250")
     assert prepare.main(args) == 0
     report = capsys.readouterr().out
     expected_skips = {f"{name}/bad/{f}" for name, files in bad.items() for f in files}

@@ -154,6 +154,20 @@ def fixture_dataset(tree: dict, **kwargs) -> re116.Dataset:
     )
 
 
+def cli_args(tree: dict, out, *extra: str) -> list[str]:
+    """`python -m adaparse_jax.prepare` arguments for a make_tree tree."""
+    parts = {"--images": tree["images"], "--labels": tree["labels"], "--names": tree["names"]}
+    parts.update({"--splits": tree["splits"], "--out": out})
+    return [str(x) for kv in parts.items() for x in kv] + ["--no-progress", *extra]
+
+
+def shipped_re116() -> re116.Dataset:
+    """The shipped RE-116 names and splits, with empty labels (for split tests)."""
+    names = re116.variant_names(re116.RE116)
+    return re116.Dataset("RE-116", names, np.zeros((116, 28), np.float32), Path("."),
+                         re116.variant_splits(re116.RE116))  # fmt: skip
+
+
 @pytest.fixture
 def shared_re116():
     path = Path(__file__).resolve().parents[2] / "shared" / "reference" / "re116"
@@ -171,13 +185,7 @@ def test_shipped_names_and_splits_match_reference(shared_re116):
 
 
 def test_shipped_splits_are_12_test_104_train():
-    ds = re116.Dataset(
-        "RE-116",
-        re116.variant_names(re116.RE116),
-        np.zeros((116, 28), np.float32),
-        Path("."),
-        re116.variant_splits(re116.RE116),
-    )
+    ds = shipped_re116()
     seen = set()
     for k in ("1", "2", "3", "4"):
         split = re116.make_split(ds, k)
@@ -417,13 +425,7 @@ def test_dataset_json(tmp_path):
 
 
 def test_validation_split_is_deterministic_by_seed(tmp_path):
-    ds = re116.Dataset(
-        "RE-116",
-        re116.variant_names(re116.RE116),
-        np.zeros((116, 28), np.float32),
-        Path("."),
-        re116.variant_splits(re116.RE116),
-    )
+    ds = shipped_re116()
     a = re116.make_split(ds, 2, num_val=8, val_seed=3)
     assert a == re116.make_split(ds, 2, num_val=8, val_seed=3)
     b = re116.make_split(ds, 2, num_val=8, val_seed=4)

@@ -412,17 +412,8 @@ def prepare_dataset(
     tree = re116.validate_tree(dataset, generators)
     tree_files = [(dataset.row(n), n, tree.files[n]) for n in dataset.names if n in tree.folders]
     settings_dict = _settings(settings, tree.root, dataset.names, dataset.name)
-    manifest = _prepare(
-        tree_files,
-        tree.root,
-        dict(tree.folders),
-        Path(out),
-        settings_dict,
-        settings,
-        workers,
-        rebuild,
-        progress,
-    )
+    run = {"workers": workers, "rebuild": rebuild, "progress": progress}
+    manifest = _prepare(tree_files, tree.root, dict(tree.folders), Path(out), settings_dict, settings, **run)
     empty = [g["name"] for g in manifest["generators"] if g["images"] == 0]
     if empty:
         raise EmptyGeneratorsError(
@@ -453,6 +444,7 @@ def prepare_folder(
             f"({', '.join(re116.IMAGE_EXTENSIONS)}); {len(files)} other files"
         )
     settings_dict = _settings(settings, folder.parent, None, folder.name)
+    run = {"workers": workers, "rebuild": rebuild, "progress": progress}
     return _prepare(
         [(UNLABELLED, None, files)],
         folder.parent,
@@ -460,9 +452,7 @@ def prepare_folder(
         Path(out),
         settings_dict,
         settings,
-        workers,
-        rebuild,
-        progress,
+        **run,
     )
 
 
