@@ -264,6 +264,11 @@ def test_unlabelled_folder(tmp_path):
         np.testing.assert_array_equal(c.read([i])[0], _pil_reference(tmp_path / p))
     with pytest.raises(CacheError, match="unlabelled"):
         c.records(["AAE"])
+    from adaparse_jax.data.pipeline import Loader  # images of unknown origin, in path order, generator -1
+
+    batches = list(Loader(c, batch_size=4, train=False))
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), c.read(np.arange(len(c))))
+    assert all((np.asarray(b["generator"]) == cache_lib.UNLABELLED).all() for b in batches)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(cache_lib.re116.DatasetError, match="holds no file with an image extension"):

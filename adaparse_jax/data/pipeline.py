@@ -137,7 +137,8 @@ class Loader:
       prefetch: batches kept in flight to the device (mode="grain").
       names: the label table's generator order; `generator` in batches are rows of it (default: the
         cache's names).
-      sharding: passed to `jax.device_put` (e.g. a batch-sharded NamedSharding).
+      sharding: passed to `jax.device_put`: the batches' placement in mode="grain" (e.g. a
+        batch-sharded NamedSharding), the resident arrays' in mode="device".
 
     State: `get_state()` -> {"epoch", "step", ...}; `set_state(state)` makes the next batch the one
     that followed when the state was taken, in either mode and with any worker count.
