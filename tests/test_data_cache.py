@@ -181,6 +181,25 @@ def test_rerun_resumes_and_redoes_only_changed_shards(tmp_path):
     assert c.manifest["totals"] == first["totals"]
 
 
+def test_generator_subsets_add_up(tmp_path):
+    tree = make_tree(tmp_path, per_generator=2, mixed=False)
+    for name in NAMES[2:]:  # only two generators on disk so far
+        for f in (tree["images"] / name).iterdir():
+            f.unlink()
+        (tree["images"] / name).rmdir()
+    ds, out = fixture_dataset(tree), tmp_path / "cache"
+    with pytest.raises(cache_lib.re116.DatasetError, match="have no folder"):
+        cache_lib.prepare_dataset(ds, out, workers=1, progress=False)
+    cache_lib.prepare_dataset(ds, out, workers=1, progress=False, generators=["AAE"])
+    m = cache_lib.prepare_dataset(ds, out, workers=1, progress=False, generators=["CONT_ENC"])
+    assert [g["name"] for g in m["generators"]] == ["AAE", "CONT_ENC"] and m["prepare"]["shards_run"] == 1
+    c = Cache(out)
+    assert len(c.records(["AAE"])) == 2 and len(c.records(["CONT_ENC"])) == 2
+    assert [g["folder"] for g in m["generators"]] == ["AAE", "CONT_ENC"]
+    with pytest.raises(CacheError, match="holds no image of generator.*WGANGP"):
+        c.records(["WGANGP"])
+
+
 def test_other_settings_are_refused_or_rebuilt(tmp_path):
     tree = make_tree(tmp_path, per_generator=2, mixed=False)
     ds = fixture_dataset(tree)

@@ -135,6 +135,7 @@ class _ShardTask:
     key: str
     row: int
     generator: str | None
+    folder: str
     files: tuple[re116.SourceFile, ...]
     root: str
     out_dir: str
@@ -172,6 +173,7 @@ def _run_shard(task: _ShardTask) -> dict:
         "key": task.key,
         "row": task.row,
         "generator": task.generator,
+        "folder": task.folder,
         "count": len(kept),
         "files": _files_record(task.files),
         "paths": kept,
@@ -236,15 +238,20 @@ def _check_out_dir(out: Path, settings: dict, rebuild: bool) -> None:
                 p.unlink()
 
 
-def _shard_done(shard_dir: Path, task: _ShardTask) -> dict | None:
-    meta_path = shard_dir / f"{task.key}.json"
-    if not meta_path.exists() or not (shard_dir / f"{task.key}.npy").exists():
+def _finished_shard(shard_dir: Path, key: str) -> dict | None:
+    """The meta of a shard whose .npy and .json (written last) both exist."""
+    meta_path = shard_dir / f"{key}.json"
+    if not meta_path.exists() or not (shard_dir / f"{key}.npy").exists():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        return json.loads(meta_path.read_text())
     except json.JSONDecodeError:
         return None
-    return meta if meta.get("files") == _files_record(task.files) else None
+
+
+def _shard_done(shard_dir: Path, task: _ShardTask) -> dict | None:
+    meta = _finished_shard(shard_dir, task.key)
+    return meta if meta is not None and meta.get("files") == _files_record(task.files) else None
 
 
 def _safe(name: str) -> str:
@@ -252,13 +259,13 @@ def _safe(name: str) -> str:
 
 
 def _plan(
-    tree_files: Sequence[tuple[int, str | None, Sequence[re116.SourceFile]]],
+    tree_files: Sequence[tuple[int, str | None, str, Sequence[re116.SourceFile]]],
     root: Path,
     shard_dir: Path,
     settings: PrepareSettings,
 ) -> list[_ShardTask]:
     tasks = []
-    for row, name, files in tree_files:
+    for row, name, folder, files in tree_files:
         stem = f"{row:04d}-{_safe(name)}" if name is not None else "unlabelled"
         chunks = [files[i : i + settings.shard_size] for i in range(0, len(files), settings.shard_size)] or [
             []
@@ -269,6 +276,7 @@ def _plan(
                     f"{stem}-{k:04d}",
                     row,
                     name,
+                    folder,
                     tuple(chunk),
                     str(root),
                     str(shard_dir),
@@ -293,8 +301,17 @@ def _execute(
             metas[t.key] = done
         else:
             pending.append(t)
-    keep = {f"{t.key}{ext}" for t in tasks for ext in (".npy", ".json")}
-    for p in shard_dir.iterdir():  # shards of a previous plan (files changed, generators removed)
+    # Finished shards of generators outside this plan (from an earlier run with a `generators`
+    # subset) stay in the cache; everything else not planned is stale and removed.
+    planned_rows, keys = {t.row for t in tasks}, {t.key for t in tasks}
+    others = {}
+    for p in shard_dir.glob("*.json"):
+        key = p.name[: -len(".json")]
+        meta = None if key in keys else _finished_shard(shard_dir, key)
+        if meta is not None and meta.get("row") not in planned_rows:
+            others[key] = meta
+    keep = {f"{k}{ext}" for k in keys | set(others) for ext in (".npy", ".json")}
+    for p in shard_dir.iterdir():
         if p.name not in keep:
             p.unlink()
     bar = tqdm(total=sum(len(t.files) for t in pending), unit="img", desc="prepare", disable=not progress)
@@ -314,10 +331,11 @@ def _execute(
                     bar.update(len(futures[fut].files))
     finally:
         bar.close()
-    return [metas[t.key] for t in tasks], len(pending)
+    metas.update(others)
+    return [metas[k] for k in sorted(metas)], len(pending)
 
 
-def _manifest(settings: dict, metas: Sequence[dict], tree_folders: dict, seconds: float, ran: int) -> dict:
+def _manifest(settings: dict, metas: Sequence[dict], seconds: float, ran: int) -> dict:
     gens: dict = {}
     skipped = []
     for m in metas:
@@ -326,7 +344,7 @@ def _manifest(settings: dict, metas: Sequence[dict], tree_folders: dict, seconds
             {
                 "name": m["generator"],
                 "row": m["row"],
-                "folder": tree_folders.get(m["generator"]),
+                "folder": m["folder"],
                 "files": 0,
                 "images": 0,
                 "skipped": 0,
@@ -366,7 +384,6 @@ def _manifest(settings: dict, metas: Sequence[dict], tree_folders: dict, seconds
 def _prepare(
     tree_files,
     root: Path,
-    tree_folders: dict,
     out: Path,
     settings_dict: dict,
     settings: PrepareSettings,
@@ -384,7 +401,7 @@ def _prepare(
     tasks = _plan(tree_files, root, shard_dir, settings)
     workers = (os.cpu_count() or 1) if workers is None else workers
     metas, ran = _execute(tasks, shard_dir, workers, progress)
-    manifest = _manifest(settings_dict, metas, tree_folders, time.perf_counter() - start, ran)
+    manifest = _manifest(settings_dict, metas, time.perf_counter() - start, ran)
     _write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
 
@@ -402,7 +419,8 @@ def prepare_dataset(
     """Validate the tree of `dataset`, then decode every image into the cache at `out`.
 
     Args:
-      generators: prepare only these (default: all generators of the dataset).
+      generators: prepare only these (default: all generators of the dataset); generators that an
+        earlier run with the same settings prepared stay in the cache, so subsets add up.
       workers: processes (default: all CPU cores); 1 runs in this process.
       rebuild: clear a cache made with other settings instead of refusing it.
 
@@ -410,10 +428,12 @@ def prepare_dataset(
     work for a bad tree, and after writing the manifest if a generator kept no image.
     """
     tree = re116.validate_tree(dataset, generators)
-    tree_files = [(dataset.row(n), n, tree.files[n]) for n in dataset.names if n in tree.folders]
+    tree_files = [
+        (dataset.row(n), n, tree.folders[n], tree.files[n]) for n in dataset.names if n in tree.folders
+    ]
     settings_dict = _settings(settings, tree.root, dataset.names, dataset.name)
     run = {"workers": workers, "rebuild": rebuild, "progress": progress}
-    manifest = _prepare(tree_files, tree.root, dict(tree.folders), Path(out), settings_dict, settings, **run)
+    manifest = _prepare(tree_files, tree.root, Path(out), settings_dict, settings, **run)
     empty = [g["name"] for g in manifest["generators"] if g["images"] == 0]
     if empty:
         raise EmptyGeneratorsError(
@@ -445,15 +465,8 @@ def prepare_folder(
         )
     settings_dict = _settings(settings, folder.parent, None, folder.name)
     run = {"workers": workers, "rebuild": rebuild, "progress": progress}
-    return _prepare(
-        [(UNLABELLED, None, files)],
-        folder.parent,
-        {None: folder.name},
-        Path(out),
-        settings_dict,
-        settings,
-        **run,
-    )
+    tree_files = [(UNLABELLED, None, folder.name, files)]
+    return _prepare(tree_files, folder.parent, Path(out), settings_dict, settings, **run)
 
 
 class Cache:
