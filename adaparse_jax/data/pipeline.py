@@ -6,8 +6,9 @@ Which records form each batch is decided in one place, `batch_indices`:
   evaluation  grain.MapDataset.range(n).batch(B)            (in order, last batch partial)
 
 then `.repeat(num_epochs)`. grain's batch keeps every batch inside one epoch and its shuffle draws
-a new permutation per epoch (seed + epoch), so global batch k is step k % S of epoch k // S
-(S = steps per epoch; a training epoch drops its last n % B records).
+a new permutation per epoch (its seed, derived from `seed`, plus the epoch), so global batch k
+is step k % S of epoch k // S (S = steps per epoch; a training epoch drops its last n % B
+records).
 
 Two ways to turn these index batches into image batches:
 
