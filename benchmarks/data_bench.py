@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,12 @@ def _write_tree(root: Path, images_per_generator: int, generators: int, sides, s
     return count
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children: a cost that other load does not change."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _prepare_rows(tmp: Path, quick: bool) -> list[dict]:
     from adaparse_jax.data import cache
 
@@ -53,7 +60,7 @@ def _prepare_rows(tmp: Path, quick: bool) -> list[dict]:
         # Shards small enough that every process gets several.
         settings = cache.PrepareSettings(shard_size=max(4, n // (4 * cores)))
         for workers in sorted({1, cores}):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             manifest = cache.prepare_folder(
                 tree,
                 tmp / f"cache_{tree.name}_w{workers}",
@@ -61,14 +68,15 @@ def _prepare_rows(tmp: Path, quick: bool) -> list[dict]:
                 workers=workers,
                 progress=False,
             )
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             assert manifest["totals"]["images"] == n
             rows.append(
                 {
                     "name": f"data/prepare {label} PNG+JPEG, {workers} process(es)",
                     "img_per_s": n / seconds,
-                    "details": f"{n} images in {seconds:.1f} s (process start included), {cores} CPU "
-                    "cores; decode, RGB, 64x64 PIL bilinear resize, shard writes",
+                    "details": f"{n} images in {seconds:.1f} s (process start included), "
+                    f"{1000 * cpu / n:.2f} ms CPU per image (all processes), {cores} CPU cores, load "
+                    f"average {os.getloadavg()[0]:.1f}; decode, RGB, 64x64 PIL bilinear resize, shard writes",
                 }
             )
     return rows
@@ -108,7 +116,7 @@ def _loader_rows(tmp: Path, quick: bool) -> list[dict]:
                 "name": f"data/loader {mode}, batch {batch}" + (f", {workers} workers" if workers else ""),
                 "img_per_s": steps * batch / seconds,
                 "details": f"{steps} batches of uint8 [{batch}, 64, 64, 3] to {device}; cache of {n} "
-                f"records; {cores} CPU cores",
+                f"records; {cores} CPU cores, load average {os.getloadavg()[0]:.1f}",
             }
         )
     return rows
