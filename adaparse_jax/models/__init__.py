@@ -26,7 +26,8 @@ from adaparse_jax.models.renet import RENet
 
 ARCHS = ("adaparse", "renet")
 SIZES = ("full", "tiny")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 needs jax_enable_x64; the parity check uses it to compute the exact function value.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.ConfigDict:
@@ -45,7 +46,8 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       fusion: 'concat' (official) | 'add' | 'attention' (see hypernet.BroadcastedFusion).
       parser_conv_features, parser_fc_features: ParsingNetwork stages and FC widths.
       dropout: dropout rate before the parser's fc1.
-      dtype: compute dtype 'float32' | 'bfloat16'; param_dtype: parameter dtype.
+      dtype: compute dtype 'float32' | 'bfloat16' ('float64' with jax_enable_x64, for checks);
+      param_dtype: parameter dtype.
     """
     if arch not in ARCHS:
         raise ValueError(f"config field arch={arch!r}; expected one of {ARCHS}")

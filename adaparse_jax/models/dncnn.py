@@ -23,7 +23,7 @@ class BatchNorm(nn.Module):
     Training mode normalises with the biased batch variance and, like torch, updates the running
     variance with the unbiased one (n / (n - 1)); flax's own BatchNorm stores the biased variance,
     which matters for the hypernetwork's BatchNorm1d layers that see only B rows. Statistics and
-    the affine transform are computed in float32 whatever the compute dtype.
+    the affine transform are computed in float32 (at least) whatever the compute dtype.
 
     Attributes:
       momentum: weight of the old running statistic (flax convention: torch's momentum 0.1 is 0.9).
@@ -43,7 +43,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         running_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        x32 = x.astype(jnp.float32)
+        stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        x32 = x.astype(stat_dtype)
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x32, axes)
@@ -55,8 +56,8 @@ class BatchNorm(nn.Module):
                 running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
         else:
             mean, var = running_mean.value, running_var.value
-        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-        return ((x32 - mean) * mul + bias.astype(jnp.float32)).astype(self.dtype)
+        mul = scale.astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
+        return ((x32 - mean) * mul + bias.astype(stat_dtype)).astype(self.dtype)
 
 
 class ConvBNReLU(nn.Module):
