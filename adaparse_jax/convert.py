@@ -146,7 +146,8 @@ def renet_fen_plan(cfg: ml_collections.ConfigDict | None = None) -> list[Entry]:
     return _dncnn_run("layers", ("fen",), range(1, cfg.depth - 1), stem=True, final=True)
 
 
-def _to_flax(x: np.ndarray, entry: Entry) -> np.ndarray:
+def to_flax_layout(x: np.ndarray, entry: Entry) -> np.ndarray:
+    """One torch tensor -> the Flax array of `entry` (see the module docstring for layouts)."""
     if entry.layout == "conv":
         return x.transpose(2, 3, 1, 0)
     if entry.layout == "linear":
@@ -158,7 +159,8 @@ def _to_flax(x: np.ndarray, entry: Entry) -> np.ndarray:
     return x
 
 
-def _to_torch(x: np.ndarray, entry: Entry) -> np.ndarray:
+def to_torch_layout(x: np.ndarray, entry: Entry) -> np.ndarray:
+    """Inverse of `to_flax_layout`."""
     if entry.layout == "conv":
         return x.transpose(3, 2, 0, 1)
     if entry.layout == "linear":
@@ -170,7 +172,7 @@ def _to_torch(x: np.ndarray, entry: Entry) -> np.ndarray:
 
 
 def _torch_shape(shape: tuple[int, ...], entry: Entry) -> tuple[int, ...]:
-    return _to_torch(np.empty(shape, np.uint8), entry).shape
+    return to_torch_layout(np.empty(shape, np.uint8), entry).shape
 
 
 def _expected_shapes(cfg: ml_collections.ConfigDict, plan: list[Entry]) -> dict[str, tuple]:
@@ -207,7 +209,7 @@ def _convert(state: Mapping[str, np.ndarray], plan: list[Entry], expected: dict[
     variables: dict = {PARAMS: {}, BATCH_STATS: {}}
     for e in plan:
         x = np.asarray(state[e.torch_name], np.float32)
-        _set(variables[e.collection], e.path, np.ascontiguousarray(_to_flax(x, e)))
+        _set(variables[e.collection], e.path, np.ascontiguousarray(to_flax_layout(x, e)))
     if not variables[BATCH_STATS]:
         del variables[BATCH_STATS]
     return variables
@@ -267,7 +269,7 @@ def to_torch(variables: Mapping, plan: list[Entry]) -> dict[str, np.ndarray]:
         node = variables[e.collection]
         for key in e.path:
             node = node[key]
-        out[e.torch_name] = np.ascontiguousarray(_to_torch(np.asarray(node), e))
+        out[e.torch_name] = np.ascontiguousarray(to_torch_layout(np.asarray(node), e))
     return out
 
 
