@@ -205,9 +205,12 @@ class Row:
 
 # Allowance for arrays whose float32 rounding alone exceeds the tolerance: the exact (float64)
 # output must lie within NOISE_FACTOR x this package's float32 rounding of the reference. Both
-# roundings are draws of the same size (same precision, same conditioning); one draw against
-# another of a 2-9 element array differs by up to ~3x, hence 5.
-NOISE_FACTOR = 5.0
+# roundings are random draws of the same size (same precision, same conditioning), but one draw
+# against another of a 2-9 element array can differ several times (up to 2.7x on the AdaParse file
+# on a CPU; another backend draws anew), hence 10. A real mismatch of the function is larger: a
+# wrong layout or layer gives O(1) errors, and the RE-Net file and the well-conditioned arrays
+# (e.g. the loss terms) are held to the tolerance itself.
+NOISE_FACTOR = 10.0
 # ... and this package's float32 rounding, pooled over the file, must not exceed the reference's
 # own (the float64 model vs the reference, pooled) by more than this factor.
 POOLED_NOISE_FACTOR = 3.0
