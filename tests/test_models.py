@@ -119,24 +119,36 @@ def test_parameter_counts_match_reference_file(shared_dir):
 
 
 def test_real_init_uses_official_initialisers():
-    """flax's own init (the rest of the suite fills variables with NumPy): Xavier-uniform codes.
+    """flax's own init (elsewhere variables are filled with NumPy) follows the official code:
+    Xavier-uniform codes, kaiming_normal_ DnCNN convolutions, torch's default U(+-1/sqrt(fan_in))
+    for linear layers and every bias, BatchNorm scale 1 and running variance 1.
 
-    Only the DualEncoder's codes and fusion are initialised: compiling the random initialisers of
-    the whole model takes tens of seconds on a CPU, and `variable_shapes` already traces it.
+    Only small modules are initialised: compiling the random initialisers of the whole model
+    takes tens of seconds on a CPU, and `variable_shapes` already traces it.
     """
     cfg = tiny()
     hyper = models.DualEncoder(width=cfg.width, code_dim=cfg.code_dim, hidden_dim=cfg.hidden_dim,
                                use_instance_code=False)
     f_latent = jnp.zeros((B, 8, 8, cfg.width))
     variables = jax.jit(lambda x: hyper.init(jax.random.key(0), x, train=False))(f_latent)
+    params = variables["params"]
     for name, rows in (("z_b", 1), ("z_hp", targets.NUM_HEADS)):
         bound = math.sqrt(6 / (rows + cfg.code_dim))
-        z = np.asarray(variables["params"][name])
-        assert z.shape == (rows, cfg.code_dim) and np.abs(z).max() <= bound
-        assert np.abs(z).max() > 0.5 * bound
-    bn = variables["params"]["fusion"]["bn"]
-    np.testing.assert_array_equal(bn["scale"], 1)
+        z = np.asarray(params[name])
+        assert z.shape == (rows, cfg.code_dim) and bound * 0.5 < np.abs(z).max() <= bound
+    for layer, fan_in in (("fc1", 2 * cfg.code_dim), ("fc2", cfg.hidden_dim)):  # z_b, z_hp
+        for leaf in ("kernel", "bias"):
+            w = np.abs(np.asarray(params["fusion"][layer][leaf]))
+            assert 0.8 / math.sqrt(fan_in) < w.max() <= 1 / math.sqrt(fan_in), (layer, leaf)
+    np.testing.assert_array_equal(params["fusion"]["bn"]["scale"], 1)
     np.testing.assert_array_equal(variables["batch_stats"]["fusion"]["bn"]["var"], 1)
+
+    fen = models.dncnn_fen(width=16, depth=3)
+    p = jax.jit(lambda x: fen.init(jax.random.key(1), x))(jnp.zeros((1, 8, 8, 3)))["params"]
+    kernel = np.asarray(p["block1"]["conv"]["kernel"])
+    assert abs(kernel.std() / math.sqrt(2 / (9 * 16)) - 1) < 0.15
+    assert np.abs(kernel).max() > 3 * math.sqrt(2 / (9 * 16))  # a normal, not truncated at 2 std
+    assert 0 < np.abs(p["block1"]["conv"]["bias"]).max() <= 1 / math.sqrt(9 * 16)
 
 
 def fusion_module(cfg):

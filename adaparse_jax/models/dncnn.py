@@ -8,6 +8,7 @@ same stack into three runs (`DnCNN` with `first_block` / `num_blocks`) around it
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,36 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+# torch's initialisers, so that training from scratch starts where the official code starts: the
+# official FENs (and the hypernetwork's convolutions) re-initialise conv kernels with
+# kaiming_normal_; every other weight and every bias keeps torch's default, U(+-1/sqrt(fan_in)).
+KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+    """torch's default bias initialiser, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv3x3(features: int, in_features: int, *, padding: int = 1, kaiming: bool = False,
+            **kw) -> nn.Conv:
+    """3x3 convolution with bias and torch's initialisation (`kaiming`: kaiming_normal_ kernel)."""
+    return nn.Conv(features, (3, 3), padding=padding,
+                   kernel_init=KAIMING_NORMAL if kaiming else TORCH_DEFAULT_KERNEL,
+                   bias_init=torch_bias_init(9 * in_features), **kw)
+
+
+def dense(features: int, in_features: int, **kw) -> nn.Dense:
+    """Linear layer with torch's default initialisation."""
+    return nn.Dense(features, kernel_init=TORCH_DEFAULT_KERNEL,
+                    bias_init=torch_bias_init(in_features), **kw)
 
 
 class BatchNorm(nn.Module):
@@ -69,7 +100,7 @@ class ConvBNReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
+        x = conv3x3(self.features, x.shape[-1], kaiming=True, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="conv")(x)
         x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
         return nn.relu(x)
@@ -100,13 +131,13 @@ class DnCNN(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
         if self.stem:
-            x = nn.relu(nn.Conv(self.width, (3, 3), padding=1, dtype=self.dtype,
+            x = nn.relu(conv3x3(self.width, x.shape[-1], kaiming=True, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="stem")(x))
         for i in range(self.first_block, self.first_block + self.num_blocks):
             x = ConvBNReLU(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                            name=f"block{i}")(x, train)
         if self.out_channels is not None:
-            x = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype,
+            x = conv3x3(self.out_channels, x.shape[-1], kaiming=True, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="final")(x)
         return x
 

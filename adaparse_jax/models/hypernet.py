@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adaparse_jax.models.dncnn import BatchNorm
+from adaparse_jax.models.dncnn import BatchNorm, conv3x3, dense
 
 Dtype = Any
 
@@ -51,14 +51,14 @@ class InstanceAwareEncoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i, f in enumerate(self.stage_features, start=1):
-            x = nn.Conv(f, (3, 3), padding=1, name=f"stage{i}_conv", **kw)(x)
+            x = conv3x3(f, x.shape[-1], kaiming=True, name=f"stage{i}_conv", **kw)(x)
             x = nn.relu(BatchNorm(name=f"stage{i}_bn", **kw)(x, train))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)  # (H, W, C) order; see the module docstring
         for i, f in enumerate(self.fc_features, start=1):
-            x = nn.Dense(f, name=f"fc{i}", **kw)(x)
+            x = dense(f, x.shape[-1], name=f"fc{i}", **kw)(x)
             x = nn.relu(BatchNorm(name=f"bn{i}", **kw)(x, train))
-        return nn.Dense(self.code_dim, name=f"fc{len(self.fc_features) + 1}", **kw)(x)
+        return dense(self.code_dim, x.shape[-1], name=f"fc{len(self.fc_features) + 1}", **kw)(x)
 
 
 class BroadcastedFusion(nn.Module):
@@ -109,16 +109,16 @@ class BroadcastedFusion(nn.Module):
             tokens = jnp.stack(list(codes.values()), axis=-2)  # [B, T, n, D]
             d = tokens.shape[-1]
             q_src = codes["z_hp"] if "z_hp" in codes else jnp.mean(tokens, axis=-2)
-            q = nn.Dense(d, name="query", **kw)(q_src)
-            k = nn.Dense(d, name="key", **kw)(tokens)
-            v = nn.Dense(d, name="value", **kw)(tokens)
+            q = dense(d, d, name="query", **kw)(q_src)
+            k = dense(d, d, name="key", **kw)(tokens)
+            v = dense(d, d, name="value", **kw)(tokens)
             attn = jax.nn.softmax(jnp.einsum("btd,btnd->btn", q, k) * d**-0.5)
             fused = jnp.einsum("btn,btnd->btd", attn, v)
         else:
             raise ValueError(f"config field fusion={self.fusion!r}; expected one of {FUSIONS}")
-        y = nn.Dense(self.hidden_dim, name="fc1", **kw)(fused)
+        y = dense(self.hidden_dim, fused.shape[-1], name="fc1", **kw)(fused)
         y = nn.relu(BatchNorm(name="bn", **kw)(y, train))
-        y = nn.sigmoid(nn.Dense(self.width * self.width, name="fc2", **kw)(y))
+        y = nn.sigmoid(dense(self.width * self.width, y.shape[-1], name="fc2", **kw)(y))
         return y.reshape(*shape, self.width, self.width)
 
 

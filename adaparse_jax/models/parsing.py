@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from adaparse_jax import targets
+from adaparse_jax.models.dncnn import conv3x3, dense
 
 Dtype = Any
 
@@ -67,18 +68,19 @@ class ParsingNetwork(nn.Module):
         b, t = fingerprints.shape[:2]
         x = fingerprints.reshape(b * t, *fingerprints.shape[2:]).astype(self.dtype)
         for i, f in enumerate(self.conv_features, start=1):
-            x = nn.relu(nn.Conv(f, (3, 3), padding=2, name=f"conv{i}", **kw)(x))
+            x = nn.relu(conv3x3(f, x.shape[-1], padding=2, name=f"conv{i}", **kw)(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(b * t, -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         for i, f in enumerate(self.fc_features, start=1):
-            x = nn.relu(nn.Dense(f, name=f"fc{i}", **kw)(x))
+            x = nn.relu(dense(f, x.shape[-1], name=f"fc{i}", **kw)(x))
         # The heads are tiny and feed the losses: they run in float32 whatever the compute dtype.
         features = x.reshape(b, t, -1).astype(jnp.float32)
 
         def head(target: targets.Target) -> jax.Array:
-            return nn.Dense(target.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-                            name=f"head_{target.name}")(head_features(features, target))
+            return dense(target.num_classes, features.shape[-1], dtype=jnp.float32,
+                         param_dtype=self.param_dtype,
+                         name=f"head_{target.name}")(head_features(features, target))
 
         continuous = jnp.concatenate([head(tg) for tg in targets.CONTINUOUS_TARGETS], axis=-1)
         logits = {tg.name: head(tg) for tg in targets.DISCRETE_TARGETS + targets.GROUPS
