@@ -36,7 +36,8 @@ class InstanceAwareEncoder(nn.Module):
     """F_latent [B, H, W, C] -> instance code z_it [B, code_dim].
 
     Attributes:
-      stage_features: output channels of the conv-BN-ReLU-maxpool stages (`stage1`, ...).
+      stage_features: output channels of the conv-BN-ReLU-maxpool stages (`stage{i}_conv`,
+        `stage{i}_bn`).
       fc_features: widths of the FC + BatchNorm1d + ReLU layers (`fc1`/`bn1`, ...) before the last
         FC (`fc{n+1}`) to `code_dim`.
     """
