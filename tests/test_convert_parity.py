@@ -145,6 +145,25 @@ def test_checkpoint_loader_without_torch(monkeypatch, tmp_path):
         convert.load_official_checkpoint(tmp_path / "116_model_19.pickle")
 
 
+def test_checkpoint_loader_with_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    cfg = models.model_config("adaparse", size="tiny")
+    fen = random_state(convert.fen_plan(cfg), cfg)
+    par = random_state(convert.parser_plan(cfg), cfg, 1)
+    path = tmp_path / "116_model_0.pickle"
+    state = {k: torch.from_numpy(v) for k, v in fen.items()}
+    state["layers.1.1.num_batches_tracked"] = torch.tensor(7)
+    torch.save({"state_dict_cnn": state, "optimizer_1": {},
+                "state_dict_class": {k: torch.from_numpy(v) for k, v in par.items()}}, path)
+    variables = convert.load_official_checkpoint(path, "adaparse", cfg)
+    back = convert.to_torch(variables, convert.fen_plan(cfg) + convert.parser_plan(cfg))
+    for name, value in {**fen, **par}.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+    torch.save({"state_dict_cnn": state}, path)
+    with pytest.raises(ValueError, match="state_dict_class"):
+        convert.load_official_checkpoint(path, "adaparse", cfg)
+
+
 # ------------------------------------------------------------------------------------------------
 # The parity command.
 
