@@ -1,0 +1,160 @@
+"""The jitted train step: torch-style Adam, fused steps, fitting a fixed batch, dropout keys, BatchNorm.
+
+Runs the tiny RE-Net (32 px) on a fixed batch of generated images whose fingerprints depend on
+their labels (`data.synthetic`); one compiled single step and one compiled fused step are shared by
+the tests of this module.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from adaparse_jax import models, targets, train_lib
+from adaparse_jax.data import synthetic
+
+PREDICTION_TERMS = ("continuous",) + tuple(t.name for t in targets.CLASSIFICATION_TARGETS)
+
+
+def _with_lr(state, lr):
+    hyper = dict(state.opt_state.hyperparams, learning_rate=jnp.float32(lr))
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def _prediction_loss(m) -> float:
+    return float(sum(m[f"train/loss/{k}"] for k in PREDICTION_TERMS))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = train_lib.default_config()
+    config.model = models.model_config("renet", "tiny")
+    model = models.build_model(config.model)
+    tx = train_lib.make_optimizer(config)
+    labels = targets.label_matrix(synthetic.label_tables(8, seed=0))
+    rng = np.random.default_rng(0)
+    images = np.concatenate([synthetic.generator_images(labels[g], 2, 32, rng) for g in range(8)])
+    batch = {"image": jnp.asarray(images), "generator": jnp.asarray(np.repeat(np.arange(8), 2), jnp.int32)}
+    kw = dict(label_table=labels, class_weights=targets.class_weights(labels), loss_config=config.loss,
+              donate=False)
+    state = train_lib.init_state(model, tx, jax.random.key(0), (32, 32, 3))
+    step = train_lib.make_train_step(model, tx, **kw).lower(state, batch).compile()
+    return {"config": config, "model": model, "tx": tx, "labels": labels, "batch": batch, "kw": kw,
+            "state": state, "step": step}
+
+
+def test_weight_decay_is_added_to_the_gradient_as_torch_adam_does():
+    """Three optimiser steps against a NumPy transcription of torch.optim.Adam(weight_decay=wd)."""
+    config = train_lib.default_config()
+    config.optimizer.weight_decay = 0.1  # large, so that the decay term clearly matters
+    tx = train_lib.make_optimizer(config)
+    o = config.optimizer
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)]
+
+    p, state = {k: jnp.asarray(v) for k, v in params.items()}, None
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    for g in grads:
+        u, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, p)
+        p = optax.apply_updates(p, u)
+
+    ref = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in ref.items()}
+    v2 = {k: np.zeros_like(v) for k, v in ref.items()}
+    for t, g in enumerate(grads, start=1):
+        for k in ref:
+            d = g[k] + o.weight_decay * ref[k]  # torch: grad = grad + weight_decay * param
+            m[k] = o.b1 * m[k] + (1 - o.b1) * d
+            v2[k] = o.b2 * v2[k] + (1 - o.b2) * d * d
+            m_hat, v_hat = m[k] / (1 - o.b1 ** t), v2[k] / (1 - o.b2 ** t)
+            ref[k] = ref[k] - o.learning_rate * m_hat / (np.sqrt(v_hat) + o.eps)
+    for k in ref:
+        np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=1e-6, atol=1e-7)
+    # AdamW (decoupled decay) would differ by far more than the tolerance:
+    decoupled = params["w"] - o.learning_rate * o.weight_decay * params["w"] * 3
+    assert not np.allclose(np.asarray(p["w"]) - decoupled, 0, atol=1e-7)
+
+
+def test_fused_steps_equal_single_steps(setup):
+    k = 3
+    s = setup
+    fused = train_lib.make_train_step(s["model"], s["tx"], fused_steps=k, **s["kw"])
+    batches = [{"image": jnp.roll(s["batch"]["image"], i, axis=0),
+                "generator": jnp.roll(s["batch"]["generator"], i, axis=0)} for i in range(k)]
+    state, singles = s["state"], []
+    for b in batches:
+        state, m = s["step"](state, b)
+        singles.append(m)
+    fstate, fm = fused(s["state"], jax.tree.map(lambda *x: jnp.stack(x), *batches))
+    assert int(fstate.step) == int(state.step) == k
+    # The scan body is compiled apart from the single step, so float rounding differs slightly.
+    # Adam's first steps move every parameter by about +-lr whatever the gradient's size, so where
+    # the true gradient is zero (a convolution bias right before BatchNorm) the rounding noise's
+    # sign decides, and such a parameter may differ by up to 2 lr per step. All others agree.
+    lr = s["config"].optimizer.learning_rate
+    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(fstate.params)])
+    np.testing.assert_allclose(b, a, rtol=0, atol=2 * k * lr)
+    assert np.mean(np.abs(b - a) > 1e-6 + 1e-5 * np.abs(a)) < 0.01
+    for a, b in zip(jax.tree_util.tree_leaves(state.batch_stats), jax.tree_util.tree_leaves(fstate.batch_stats)):
+        # running means include those biases (times 1 - momentum)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=2 * k * lr)
+    for i, m in enumerate(singles):
+        for name, v in m.items():
+            np.testing.assert_allclose(np.asarray(fm[name][i]), np.asarray(v), rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name} at fused step {i}")
+
+
+def test_fixed_batch_is_fitted_and_gradients_stay_finite(setup):
+    s = setup
+    state = _with_lr(s["state"], 3e-3)  # a few hundred steps: faster than the official 1e-4
+    history = []
+    for _ in range(150):
+        state, m = s["step"](state, s["batch"])
+        history.append(m)
+    history = jax.device_get(history)
+    norms = np.array([m["train/grad_norm"] for m in history])
+    assert np.all(np.isfinite(norms)) and np.all(norms > 0)
+    first = _prediction_loss(history[0])
+    last = np.mean([_prediction_loss(m) for m in history[-10:]])
+    assert last < 0.85 * first, (first, last)
+    assert np.all(np.isfinite([m["train/loss/total"] for m in history]))
+    assert all(float(m["train/lr"]) == pytest.approx(3e-3) for m in history)
+
+
+def test_dropout_key_is_folded_in_per_step(setup):
+    """With a zero learning rate only the dropout mask changes between steps on one batch."""
+    s = setup
+    state0 = _with_lr(s["state"], 0.0)
+    state1, m0 = s["step"](state0, s["batch"])
+    _, m1 = s["step"](state1, s["batch"])
+    for a, b in zip(jax.tree_util.tree_leaves(state0.params), jax.tree_util.tree_leaves(state1.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing learned
+    assert float(m0["train/loss/total"]) != float(m1["train/loss/total"])
+    # Same step number, same key: the step-1 state with its step counter reset reproduces step 0.
+    _, m0_again = s["step"](state1.replace(step=state0.step), s["batch"])
+    assert float(m0_again["train/loss/total"]) == float(m0["train/loss/total"])
+
+
+def test_batchnorm_statistics_are_those_of_the_training_forward(setup):
+    s = setup
+    state = s["state"]
+    new_state, _ = s["step"](state, s["batch"])
+    from adaparse_jax.data import pipeline
+
+    _, updates = jax.jit(lambda v, x, k: s["model"].apply(
+        v, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"]))(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        pipeline.normalize(s["batch"]["image"]), jax.random.fold_in(state.rng, state.step))
+    expected = jax.tree_util.tree_leaves(updates["batch_stats"])
+    got = jax.tree_util.tree_leaves(new_state.batch_stats)
+    before = jax.tree_util.tree_leaves(state.batch_stats)
+    assert len(expected) == len(got) == len(before) > 0
+    for e, g, b in zip(expected, got, before):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(np.asarray(g), np.asarray(b))  # the running statistics moved
