@@ -162,7 +162,9 @@ class Checkpointer:
         wanted = {_path_str(p): tuple(x.shape) for p, x in
                   jax.tree_util.tree_flatten_with_path(_abstract_tree(abstract_state))[0]}
         problems = []
-        for path in sorted(set(saved_shapes) | set(wanted)):
+        order = ("params/", "batch_stats/", "step", "rng", "opt_state/")  # the telling ones first
+        for path in sorted(set(saved_shapes) | set(wanted),
+                           key=lambda p: (next(i for i, o in enumerate(order + ("",)) if p.startswith(o)), p)):
             a, b = saved_shapes.get(path), wanted.get(path)
             if a != b:
                 problems.append(f"{path}: checkpoint {a if a is not None else '(absent)'}, "

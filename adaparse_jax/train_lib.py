@@ -153,6 +153,10 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _is_group(x) -> bool:
+    return isinstance(x, (Mapping, ml_collections.ConfigDict))
+
+
 def _field_error(path: str, node: Mapping, prefix: str) -> ConfigError:
     name = path.split(".")[-1]
     close = difflib.get_close_matches(name, list(node), n=1)
@@ -171,8 +175,8 @@ def _check_keys(config: Mapping, reference: Mapping, prefix: str = "") -> None:
         raise ConfigError(f"config is missing field(s) {', '.join(prefix + m for m in missing)}; "
                           "start from train_lib.default_config()")
     for k, v in reference.items():
-        if isinstance(v, Mapping):
-            if not isinstance(config[k], Mapping):
+        if _is_group(v):
+            if not _is_group(config[k]):
                 raise ConfigError(f"config field {prefix + k} must be a group of fields, got {config[k]!r}")
             _check_keys(config[k], v, prefix + k + ".")
 
@@ -230,8 +234,8 @@ def check_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         path = arg[len("--config."):].split("=", 1)[0]
         node, prefix = config, ""
         for part in path.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                if not isinstance(node, Mapping):
+            if not _is_group(node) or part not in node:
+                if not _is_group(node):
                     raise ConfigError(f"config field {prefix.rstrip('.')!r} is not a group of fields; "
                                       f"cannot set {path!r} (in {arg})")
                 err = _field_error(prefix + part, node, prefix)
@@ -250,9 +254,11 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     from ml_collections import config_flags
 
     def parse(args):
+        argv = ["load_config", f"--config={path}", *args]
         fv = flags.FlagValues()
-        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True)
-        fv(["load_config", f"--config={path}", *args])
+        # sys_argv: config_flags otherwise finds the override flags in this process's sys.argv.
+        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
         return fv.config
 
     check_overrides(parse([]), overrides)

@@ -1,0 +1,182 @@
+"""eval.py and predict on the tiny runs of train_runs.py: the tables' numbers equal a recomputation
+with scikit-learn from the saved per-image predictions; clear errors; predict == evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from train_runs import ROOT, tiny_runs
+
+from adaparse_jax import evaluation, reporting, targets
+from adaparse_jax.data import re116
+from adaparse_jax.predict import predict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tiny_runs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    out = runs["root"] / "report"
+    done = subprocess.run([sys.executable, "eval.py", "--workdir", str(runs["root"] / "[AC]"), "--out",
+                           str(out)], cwd=ROOT, env=runs["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Table II: loss-function flags, macro F1" in done.stdout
+    return {"out": out, "json": json.loads((out / "results.json").read_text()),
+            "tables": _parse_tables((out / "tables.md").read_text())}
+
+
+def _parse_tables(text: str) -> dict:
+    """{(section heading, table title): {row label: [cells]}} of tables.md."""
+    tables, section, title = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        elif line.startswith("### "):
+            title = line[4:]
+            tables[(section, title)] = {}
+        elif line.startswith("| ") and title and not line.startswith("| Method"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            tables[(section, title)][cells[0]] = cells[1:]
+    return tables
+
+
+def _majority(y, k):
+    return int(np.argmax(np.bincount(y, minlength=k)))
+
+
+def _recompute(npz, prefix: str, baseline_rows=None) -> dict:
+    """Metrics of one split's saved predictions with scikit-learn (per image or per generator, all)."""
+    rows = npz["label_rows"]
+    labels = targets.split_labels(rows)
+    gens = npz["generator"]
+    if baseline_rows is not None:  # the mean/mode baseline's constant predictions
+        base = targets.split_labels(baseline_rows)
+        # float32, as model outputs are (and as metrics.mean_mode_baseline stores them)
+        mean = base["continuous"].astype(np.float64).mean(0).astype(np.float32).astype(np.float64)
+        preds = {"continuous": np.tile(mean, (len(rows), 1))}
+        for t in targets.CLASSIFICATION_TARGETS:
+            preds[t.name] = np.full(len(rows), _majority(base[t.name], t.num_classes))
+    else:
+        preds = {"continuous": npz["continuous"].astype(np.float64),
+                 **{t.name: npz[t.name] for t in targets.CLASSIFICATION_TARGETS}}
+    if prefix == "generator_all/":
+        ids = np.unique(gens)
+        labels = {k: np.stack([v[gens == g][0] for g in ids]) for k, v in labels.items()}
+        preds = {"continuous": np.stack([preds["continuous"][gens == g].mean(0) for g in ids]),
+                 **{t.name: np.array([_majority(preds[t.name][gens == g], t.num_classes) for g in ids])
+                    for t in targets.CLASSIFICATION_TARGETS}}
+    out = {}
+    err = np.abs(preds["continuous"] - labels["continuous"].astype(np.float64)).mean(0)
+    for t, e in zip(targets.CONTINUOUS_TARGETS, err):
+        out[f"l1/{t.name}"] = e
+    out["l1/continuous_mean"] = err.mean()
+    for t in targets.CLASSIFICATION_TARGETS:
+        out[f"f1/{t.name}"] = f1_score(labels[t.name], preds[t.name], average="macro", zero_division=0)
+        out[f"acc/{t.name}"] = accuracy_score(labels[t.name], preds[t.name])
+    for family, members in (("flags", targets.FLAG_TARGETS), ("discrete", targets.DISCRETE_TARGETS),
+                            ("groups", targets.GROUPS)):
+        for metric in ("f1", "acc"):
+            out[f"{metric}/{family}_mean"] = np.mean([out[f"{metric}/{t.name}"] for t in members])
+    return out
+
+
+def _check_row(report, label, per_split: list[dict], prefix: str, section: str):
+    """JSON mean/std and the Markdown cells of one table row equal the recomputed numbers."""
+    entry = next(m for m in report["json"]["methods"] + [report["json"]["baseline"]] if m["label"] == label)
+    for key in per_split[0]:
+        values = [p[key] for p in per_split]
+        assert entry["mean"][prefix + key] == pytest.approx(np.mean(values), abs=1e-9), key
+        assert entry["std"][prefix + key] == pytest.approx(np.std(values), abs=1e-9), key
+    for title, tgts, metric, family in reporting.TABLES:
+        cells = report["tables"][(section, title)][label]
+        keys = [f"{metric}/{t.name}" for t in tgts] + [f"{metric}/{family}"]
+        assert len(cells) == len(keys)
+        for c, key in zip(cells, keys):
+            mean, std = reporting.parse_cell(c)
+            values = [p[key] for p in per_split]
+            assert mean == pytest.approx(round(np.mean(values), 3), abs=1.001e-3 / 2), (title, key)
+            assert std == pytest.approx(round(np.std(values), 3), abs=1.001e-3 / 2), (title, key)
+
+
+def test_tables_equal_a_sklearn_recomputation_from_saved_predictions(report, runs):
+    method = report["json"]["methods"]
+    assert [m["label"] for m in method] == ["RE-Net"] and method[0]["splits"] == ["1", "2"]
+    npzs = [np.load(p) for p in method[0]["predictions"]]
+    for prefix, section in (("", "Per image"), ("generator_all/", "Per generator, all images of each")):
+        _check_row(report, "RE-Net", [_recompute(z, prefix) for z in npzs], prefix, section)
+    # The mean/mode baseline, fitted on each split's training generators (train + validation).
+    ds = re116.load_dataset(runs["dataset"])
+    base = []
+    for z, workdir in zip(npzs, method[0]["workdirs"]):
+        sel = json.loads(next((Path(workdir) / "eval").glob("test_metrics_step*.json")).read_text())
+        assert not set(sel["train_generators"] + sel["val_generators"]) & set(sel["test_generators"])
+        rows = ds.labels[ds.rows(sel["train_generators"] + sel["val_generators"])]
+        base.append(_recompute(z, "", baseline_rows=rows))
+    _check_row(report, evaluation.BASELINE_LABEL, base, "", "Per image")
+
+
+def test_confusion_counts_and_plots(report):
+    method = report["json"]["methods"][0]
+    npzs = [np.load(p) for p in method["predictions"]]
+    for t in targets.DISCRETE_TARGETS:
+        expected = sum(confusion_matrix(targets.split_labels(z["label_rows"])[t.name], z[t.name],
+                                        labels=list(range(t.num_classes))) for z in npzs)
+        np.testing.assert_array_equal(np.asarray(method["confusion"][t.name]), expected)
+        assert expected.sum() == sum(len(z["generator"]) for z in npzs)
+    for label in ("RE-Net", evaluation.BASELINE_LABEL):
+        path = report["json"]["files"][f"confusion/{label}"]
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 200
+
+
+def test_per_generator_rows_and_every_granularity_are_reported(report):
+    sections = {s for s, _ in report["tables"]}
+    assert sections == {"Per image", "Per generator, N = 1 images of each",
+                        "Per generator, N = 10 images of each", "Per generator, N = 100 images of each",
+                        "Per generator, all images of each"}
+    mean = report["json"]["methods"][0]["mean"]
+    # 16 images per generator: N = 100 takes them all, so it equals "all"
+    assert mean["generator_n100/f1/flags_mean"] == mean["generator_all/f1/flags_mean"]
+
+
+def test_two_runs_of_one_split_are_refused(runs):
+    with pytest.raises(ValueError, match="two runs labelled 'RE-Net' for split 1"):
+        evaluation.evaluate([runs["A"], runs["B"]])
+
+
+def test_missing_workdir_is_a_clear_error(runs, tmp_path):
+    done = subprocess.run([sys.executable, "eval.py", "--workdir", str(tmp_path / "nothing*"), "--out",
+                           str(tmp_path / "out")], cwd=ROOT, env=runs["env"], capture_output=True, text=True)
+    assert done.returncode == 2 and "no training workdir" in done.stderr
+
+
+def test_predict_parses_a_folder_as_the_evaluation_did(runs):
+    sel = evaluation.evaluate_run(runs["A"])
+    saved = evaluation.load_predictions(sel["predictions"])
+    folder = runs["dataset"] / "images" / "SYN_00"
+    results = predict(runs["A"], folder=folder)
+    json.dumps(results)  # JSON-able
+    rows = np.flatnonzero(saved["generator"] == 0)
+    assert len(results) == len(rows) == 16
+    for r, i in zip(results, rows):
+        assert r["image"].endswith(str(saved["paths"][i]).split("/")[-1])
+        np.testing.assert_allclose([r["continuous"][t.name] for t in targets.CONTINUOUS_TARGETS],
+                                   saved["continuous"][i], rtol=1e-5, atol=1e-6)
+        for t in targets.DISCRETE_TARGETS:
+            assert r["discrete"][t.name]["class"] == int(saved[t.name][i])
+        for t in targets.FLAG_TARGETS:
+            assert r["loss_flags"][t.name]["used"] == bool(saved[t.name][i] == 1)
+    one = predict(runs["A"], [np.asarray(Image.open(folder / "0000.png"))])
+    assert one[0]["discrete"] == results[0]["discrete"]

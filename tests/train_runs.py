@@ -1,0 +1,75 @@
+"""Tiny training runs shared by test_train_e2e.py and test_eval.py (built once per test process).
+
+`tiny_runs(tmp_path_factory)` writes a generated dataset (8 generators, 16 images of 32x32 each,
+2 test splits of 2 generators), decodes it, and runs `python train.py` with configs/tiny.py (tiny
+RE-Net) as the user would, in subprocesses sharing one persistent XLA compilation cache:
+
+  A  split 1, 2 epochs, uninterrupted
+  B  split 1, the same command, SIGKILLed right after dispatching step 7, then rerun to the end
+  C  split 2, stopped by max_steps=4, then rerun to the end
+
+Each epoch has 5 steps (5 training generators x 16 images / batch 16; one generator is held out for
+validation), checkpoints every 3 steps and at epoch ends, keeping the last one and the best one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from adaparse_jax import train_lib
+from adaparse_jax.data import cache as cache_lib
+from adaparse_jax.data import re116, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/tiny.py:renet,synthetic"
+CRASH_STEP = 7
+STEPS_PER_EPOCH = 5
+_RUNS: dict | None = None
+
+
+def train(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return done
+
+
+def tiny_runs(tmp_path_factory) -> dict:
+    global _RUNS
+    if _RUNS is not None:
+        return _RUNS
+    root = tmp_path_factory.mktemp("tiny_runs")
+    ds_path = synthetic.write_dataset(root / "dataset")
+    dataset = re116.load_dataset(ds_path)
+    cache_lib.prepare_dataset(dataset, root / "cache", settings=cache_lib.PrepareSettings(size=32),
+                              workers=1, progress=False)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+    env.pop(train_lib.CRASH_ENV, None)
+    common = ["--config", CONFIG, f"--config.data.dataset={ds_path.parent}",
+              f"--config.data.cache={root / 'cache'}", "--config.progress=False",
+              "--config.num_epochs=2", "--config.checkpoint_every_steps=3",
+              "--config.keep_checkpoints=1", "--config.log_every_steps=1"]
+    runs = {"root": root, "dataset": ds_path.parent, "cache": root / "cache", "env": env,
+            "common": common, "A": root / "A", "B": root / "B", "C": root / "C"}
+    runs["A_out"] = train(common + [f"--workdir={runs['A']}"], env)
+    crashed = train(common + [f"--workdir={runs['B']}"], dict(env, **{train_lib.CRASH_ENV: str(CRASH_STEP)}),
+                    check=False)
+    runs["B_crash"] = {
+        "returncode": crashed.returncode,
+        "checkpoints": sorted(int(p.name) for p in (runs["B"] / "checkpoints").iterdir() if p.name.isdigit()),
+        "metrics": train_lib.read_metrics(runs["B"]),
+    }
+    runs["B_out"] = train(common + [f"--workdir={runs['B']}"], env)
+    split2 = common + ["--config.split=2", f"--workdir={runs['C']}"]
+    runs["C_stopped"] = train(split2 + ["--config.max_steps=4"], env)
+    runs["C_stopped_checkpoints"] = sorted(
+        int(p.name) for p in (runs["C"] / "checkpoints").iterdir() if p.name.isdigit())
+    runs["C_eval_after_stop"] = (runs["C"] / "eval").exists()
+    runs["C_out"] = train(split2, env)
+    _RUNS = runs
+    return runs
