@@ -261,8 +261,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
         fv(argv)
         return fv.config
 
-    check_overrides(parse([]), overrides)
     try:
+        check_overrides(parse([]), overrides)
         return parse(list(overrides))
     except flags.Error as e:
         raise ConfigError(str(e)) from e

@@ -20,17 +20,13 @@ generators, if each holds ~1,000 images).
 Paper numbers: see the AdaParse paper (its diffusion-model experiment); no number is quoted here.
 """
 
-from adaparse_jax import train_lib
+from configs import re116
 
 
 def get_config(arg=None):
     """arg: optional split number."""
-    config = train_lib.default_config()
+    config = re116.get_config(arg)
     config.data.images = "data/RE123"
-    config.data.labels = "data/labels"
     config.data.variant = "re123"
     config.data.cache = "cache/re123"
-    config.split = int(arg) if arg else 1
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 2000
     return config

@@ -17,18 +17,12 @@ figure found by this project's search is a third-party listing (wizwand.com) of 
 F1 for it on RE-116 ("RED116"); check it against the paper before relying on it.
 """
 
-from adaparse_jax import models, train_lib
+from adaparse_jax import models
+from configs import re116
 
 
 def get_config(arg=None):
     """arg: optional split number."""
-    config = train_lib.default_config()
+    config = re116.get_config(arg)
     config.model = models.model_config("renet")
-    config.data.images = "data/RE116"
-    config.data.labels = "data/labels"
-    config.data.variant = "re116"
-    config.data.cache = "cache/re116"
-    config.split = int(arg) if arg else 1
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 2000
     return config

@@ -43,7 +43,8 @@ def tiny_runs(tmp_path_factory) -> dict:
     if _RUNS is not None:
         return _RUNS
     root = tmp_path_factory.mktemp("tiny_runs")
-    ds_path = synthetic.write_dataset(root / "dataset")
+    ds_path = synthetic.write_dataset(root / "dataset", num_generators=8, images_per_generator=16,
+                                      num_splits=2, test_per_split=2)
     dataset = re116.load_dataset(ds_path)
     cache_lib.prepare_dataset(dataset, root / "cache", settings=cache_lib.PrepareSettings(size=32),
                               workers=1, progress=False)

@@ -124,8 +124,8 @@ def generator_images(label_row: np.ndarray, num: int, size: int,
     return np.clip(np.round(np.stack(out)), 0, 255).astype(np.uint8)
 
 
-def write_dataset(out: str | Path, *, num_generators: int = 8, images_per_generator: int = 16,
-                  size: int = 32, num_splits: int = 2, test_per_split: int = 2,
+def write_dataset(out: str | Path, *, num_generators: int = 16, images_per_generator: int = 24,
+                  size: int = 32, num_splits: int = 4, test_per_split: int = 2,
                   seed: int = 0) -> Path:
     """Write a labelled dataset into `out` (created) and return the path of its dataset.json.
 

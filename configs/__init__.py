@@ -1,0 +1,1 @@
+"""Training configs (`get_config(arg)` each); train.py loads them by path."""
