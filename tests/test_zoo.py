@@ -1,0 +1,462 @@
+"""The synthetic zoo: schema balance, measured counts, recipes -> flags, photographs offline, and the
+tiny zoo built once per session (layout, label tables through the loaders, determinism, reuse,
+the untrained twin, and a held-out up-sampling check with a small honest classifier)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import filecmp
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+from adaparse_jax import targets
+from adaparse_jax.zoo import build, generators, photos, recipes, schema
+
+WORKERS = min(2, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- session zoos
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    """JAX compilation cache shared by this session's zoo builds (rebuilds skip compiles)."""
+    return tmp_path_factory.mktemp("zoo_xla_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory, compile_cache):
+    """(directory, config, manifest) of the tiny trained zoo, built once per session."""
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    config = build.zoo_config("tiny")
+    manifest = build.build_zoo(out, config, workers=WORKERS, progress=False,
+                               compilation_cache=compile_cache)
+    return out, config, manifest
+
+
+def _files(root: Path) -> dict[str, Path]:
+    """Every file of a zoo except the build state, by relative path."""
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
+            if p.is_file() and ".build" not in p.relative_to(root).parts}
+
+
+def _tables(root: Path) -> dict[str, np.ndarray]:
+    return {key: np.load(root / path) for key, path in build.DATASET_JSON["labels"].items()}
+
+
+def _load_images(root: Path, name: str) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted((root / "images" / name).glob("*.png"))])
+
+
+# ----------------------------------------------------------------------------- schema
+@pytest.mark.parametrize("n", [24, 240, 250])
+def test_sampling_is_balanced_per_attribute(n):
+    specs = schema.sample_specs(n, seed=3, recipe_names=list(recipes.RECIPES))
+    columns = {name: [getattr(s.arch, name) for s in specs] for name in schema.CLASS_NAMES}
+    columns["recipe"] = [s.recipe for s in specs]
+    columns["width"] = [s.arch.width for s in specs]
+    for name, values in columns.items():
+        classes = schema.CLASS_NAMES.get(name) or (list(recipes.RECIPES) if name == "recipe"
+                                                   else schema.NUISANCE["full"].widths)
+        counts = collections.Counter(values)
+        assert set(counts) == set(classes), name
+        assert max(counts.values()) - min(counts.values()) <= 1, (name, counts)
+    # Shuffled independently: no attribute determines another. With 240 generators each cell of
+    # up-sampling x down-sampling expects 60; a shared shuffle would give 120/0.
+    cells = collections.Counter((s.arch.upsampling, s.arch.downsampling) for s in specs)
+    if n >= 240:
+        assert all(40 <= c <= 80 for c in cells.values()) and len(cells) == 4, cells
+        ids = np.array([[s.arch.class_ids()[k] for k in schema.CLASS_NAMES] for s in specs])
+        corr = np.corrcoef(ids.T)
+        assert np.max(np.abs(corr - np.eye(len(schema.CLASS_NAMES)))) < 0.2
+
+
+def test_sampling_is_deterministic_and_names_sort_like_re116():
+    a = schema.sample_specs(30, seed=7, recipe_names=list(recipes.RECIPES))
+    b = schema.sample_specs(30, seed=7, recipe_names=list(recipes.RECIPES))
+    c = schema.sample_specs(30, seed=8, recipe_names=list(recipes.RECIPES))
+    assert a == b and a != c
+    names = [s.name for s in a]
+    assert names == sorted(names) == schema.sort_names(names)
+    assert schema.sort_names(["WGAN_WC", "WGANGP", "WGAN_DRA"]) == ["WGAN_DRA", "WGAN_WC", "WGANGP"]
+    small = schema.sample_specs(12, 0, list(recipes.RECIPES), schema.NUISANCE["small"])
+    assert {s.arch.width for s in small} == {8} and {s.arch.layers_per_block for s in small} == {1}
+
+
+def test_architecture_rejects_unknown_class():
+    arch = schema.sample_specs(1, 0, ["gan_ns"])[0].arch
+    with pytest.raises(ValueError, match="nonlin_last"):
+        dataclasses.replace(arch, nonlin_last="softmax")
+
+
+# ----------------------------------------------------------------------------- counts
+def _count_from_params(arch: schema.Architecture, variational: bool) -> dict:
+    """The counts recomputed from the parameter tree alone (an independent path)."""
+    module = generators.Generator(arch, variational=variational)
+    params = generators.init_variables(module, (np.zeros(generators.input_shape(arch, 2),
+                                                         np.float32),), np.random.default_rng(0),
+                                       train=False)["params"]
+    flat = {"/".join(path): leaf for path, leaf in traverse_util.flatten_dict(params).items()}
+    kernels4 = [v for k, v in flat.items() if k.endswith("kernel") and v.ndim == 4]
+    return {
+        "conv_layers": len(kernels4),
+        "fc_layers": sum(1 for k, v in flat.items() if k.endswith("kernel") and v.ndim == 2),
+        "norm_layers": sum(1 for k in flat if k.endswith("norm/scale")),
+        "filters": sum(v.shape[-1] for v in kernels4),
+        "parameters": sum(v.size for v in flat.values()),
+    }
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_counts_are_measured_on_the_network(index):
+    spec = schema.sample_specs(8, seed=11, recipe_names=["vae", "gan_ns"])[index]
+    arch = spec.arch
+    variational = spec.recipe == "vae" and arch.encoder
+    counts = generators.architecture_counts(generators.Generator(arch, variational=variational))
+    expected = _count_from_params(arch, variational)
+    for name, value in expected.items():
+        assert counts[name] == value, (name, arch)
+    assert counts["pooling_layers"] == (arch.stages if arch.down_kind == "conv_avgpool" else 0)
+    assert counts["blocks"] == arch.stages * (2 if arch.encoder else 1) + arch.mid_blocks
+    assert counts["layers_per_block"] == arch.layers_per_block
+    assert counts["layers"] == (counts["conv_layers"] + counts["fc_layers"] + counts["norm_layers"]
+                                + counts["pooling_layers"])
+
+
+def test_normalise_counts_against_numpy():
+    raw = np.array([[10, 5, 0, 0, 4, 100, 2, 1, 1000],
+                    [20, 9, 2, 0, 8, 300, 4, 3, 100000],
+                    [15, 7, 1, 0, 6, 200, 3, 2, 10000]], np.float64)
+    out, info = generators.normalise_counts(raw)
+    expected = (raw - raw.min(0)) / np.where(np.ptp(raw, 0) > 0, np.ptp(raw, 0), 1)
+    expected[:, 8] = [0.0, 1.0, 0.5]  # log10: 3, 5, 4
+    expected[:, 3] = 0.0  # constant column
+    np.testing.assert_allclose(out, expected)
+    assert info["log10"] == ["parameters"] and info["max"]["parameters"] == 5.0
+
+
+# ----------------------------------------------------------------------------- networks
+@pytest.mark.parametrize("last", schema.CLASS_NAMES["nonlin_last"])
+def test_generator_output_shape_and_range(last):
+    base = schema.sample_specs(4, 0, ["gan_ns"], schema.NUISANCE["small"])[0].arch
+    arch = dataclasses.replace(base, nonlin_last=last)
+    module = generators.Generator(arch)
+    x = 5.0 * np.random.default_rng(0).standard_normal(generators.input_shape(arch, 8)).astype(np.float32)
+    variables = generators.init_variables(module, (x,), np.random.default_rng(1), train=False)
+    y, aux = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
+    assert y.shape == (8, 32, 32, 3) and aux["code"].shape[0] == 8
+    lo, hi = generators.DATA_RANGES[last]
+    y = np.asarray(y)
+    if last in ("sigmoid", "tanh"):
+        assert lo <= y.min() and y.max() <= hi
+    if last == "relu":
+        assert y.min() >= 0.0
+    pixels = generators.to_uint8(np.array([lo, hi, lo - 3.0, hi + 3.0]), last)
+    assert pixels.tolist() == [0, 255, 0, 255]
+    u8 = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(generators.to_uint8(generators.to_data_range(u8, last), last), u8)
+
+
+def test_flat_adam_matches_optax_on_the_tree():
+    tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.ones(5, np.float32)}}
+    layout = recipes.FlatLayout.of(tree)
+    assert layout.padded == 16 and layout.size == 11
+    flat = layout.flatten(tree)
+    back = layout.unflatten(flat)
+    assert np.array_equal(back["a"], tree["a"]) and np.array_equal(back["b"]["c"], tree["b"]["c"])
+    grads = jax.tree_util.tree_map(lambda v: np.cos(v).astype(np.float32), tree)
+    opt = recipes._optimizer(0.01, 0.5)
+    state = opt.init(jnp.asarray(flat))
+    new_flat, _ = recipes.adam_flat(jnp.asarray(flat), state, jnp.asarray(layout.flatten(grads)))
+    ref_opt = optax.adam(0.01, b1=0.5, b2=0.999)
+    updates, _ = ref_opt.update(grads, ref_opt.init(tree), tree)
+    ref = optax.apply_updates(tree, updates)
+    got = layout.unflatten(np.asarray(new_flat))
+    np.testing.assert_allclose(got["a"], ref["a"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["b"]["c"], ref["b"]["c"], rtol=1e-6, atol=1e-7)
+    assert np.all(np.asarray(new_flat)[layout.size:] == 0.0)
+
+
+def test_losses_against_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+    b = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+    d = (a - b).reshape(4, -1)
+    np.testing.assert_allclose(recipes.reconstruction_loss("l1", a, b), np.abs(d).mean(), rtol=1e-5)
+    np.testing.assert_allclose(recipes.reconstruction_loss("mse", a, b), (d**2).mean(), rtol=1e-5)
+    np.testing.assert_allclose(recipes.reconstruction_loss("l2", a, b),
+                               np.sqrt((d**2).sum(1)).mean(), rtol=1e-5)
+    x, y = rng.standard_normal((6, 5)), rng.standard_normal((7, 5)) + 1.0
+
+    def k(p, q, s):
+        return np.exp(-((p[:, None] - q[None]) ** 2).sum(-1) / (s * 5)).mean()
+
+    ref = sum(k(x, x, s) + k(y, y, s) - 2 * k(x, y, s) for s in (0.05, 0.2, 1.0, 4.0))
+    np.testing.assert_allclose(recipes.mmd(jnp.asarray(x), jnp.asarray(y)), ref, rtol=1e-4)
+    assert float(recipes.mmd(jnp.asarray(x), jnp.asarray(x))) == pytest.approx(0.0, abs=1e-6)
+    r, f = np.array([2.0, -1.0]), np.array([0.5, -3.0])
+    softplus = lambda v: np.log1p(np.exp(v))  # noqa: E731
+    cases = {
+        "ns": (np.mean(softplus(-r) + softplus(f)), np.mean(softplus(-f))),
+        "ls": (0.5 * np.mean((r - 1) ** 2 + f**2), 0.5 * np.mean((f - 1) ** 2)),
+        "wgan": (f.mean() - r.mean(), -f.mean()),
+        "hinge": (np.mean(np.maximum(0, 1 - r) + np.maximum(0, 1 + f)), -f.mean()),
+    }
+    for kind, (d_ref, g_ref) in cases.items():
+        np.testing.assert_allclose(recipes.discriminator_loss(kind, r, f), d_ref, rtol=1e-6)
+        np.testing.assert_allclose(recipes.generator_adversarial_loss(kind, f), g_ref, rtol=1e-6)
+
+
+def test_recipe_flags_and_groups():
+    # The mapping written out by hand (README "Synthetic zoo"): an independent check of the rule.
+    expected = {
+        "gan_ns": {"adversarial", "ce"}, "gan_ls": {"adversarial", "ls"},
+        "gan_wgan": {"adversarial", "wgan"}, "gan_hinge": {"adversarial", "hinge"},
+        "mmd": {"mmd"}, "ae_l1": {"l1"}, "ae_l2": {"l2"}, "ae_mse": {"mse"},
+        "vae": {"mse", "kl"}, "wae_mmd": {"l2", "mmd"}, "pix2pix": {"l1", "adversarial", "ce"},
+        "vae_gan": {"mse", "kl", "adversarial", "hinge"},
+    }
+    assert {name: set(r.flags) for name, r in recipes.RECIPES.items()} == expected
+    flags = np.stack([r.flag_vector() for r in recipes.RECIPES.values()])
+    assert flags.sum(0).min() >= 1  # every one of the 10 flags is set by some recipe
+    groups = recipes.group_vector(flags)
+    for j, group in enumerate(targets.GROUPS):
+        members = [t.column for t in targets.FLAG_TARGETS if t.name in group.members]
+        assert np.array_equal(groups[:, j], flags[:, members].max(1))
+    assert groups[list(recipes.RECIPES).index("gan_ls")].tolist() == [1, 1, 0]  # LS is in group 1
+
+
+def test_degradations():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    assert build.degrade(x, "identity", rng, (-1, 1)) is x
+    blur = build.degrade(x, "blur", rng, (-1, 1))
+    np.testing.assert_allclose(blur[:, 0, 0], x[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
+    assert np.array_equal(blur[:, 0, 0], blur[:, 1, 1])
+    gray = build.degrade(x, "grayscale", rng, (-1, 1))
+    assert np.allclose(gray[..., 0], gray[..., 2]) and np.allclose(gray[..., 0], x.mean(-1))
+    noisy = build.degrade(x, "noise", rng, (-1, 1))
+    assert noisy.min() >= -1 and noisy.max() <= 1 and 0.05 < np.abs(noisy - x).mean() < 0.3
+    with pytest.raises(ValueError, match="degradation"):
+        build.degrade(x, "jpeg", rng, (-1, 1))
+
+
+# ----------------------------------------------------------------------------- photographs
+def test_photographs_load_offline_and_regions_are_disjoint(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the zoo's photographs must not need the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    photos.photo_views.cache_clear()
+    views = photos.photo_views()
+    assert {name for name, _, _ in views} == set(photos.PHOTOGRAPHS)
+    for name, _, view in views:
+        assert view.dtype == np.float32 and view.shape[2] == 3 and 0 <= view.min() <= view.max() <= 1
+        train, sample = photos.region_bounds(view.shape[1], "train"), photos.region_bounds(view.shape[1], "sample")
+        assert train[1] == sample[0] and train[1] - train[0] >= 32 and sample[1] - sample[0] >= 32
+    positions = photos.crop_positions(500, "sample", seed=0)
+    widths = {(n, s): v.shape[1] for n, s, v in views}
+    for name, scale, y, x, _ in positions:
+        start, stop = photos.region_bounds(widths[(name, scale)], "sample")
+        assert start <= x and x + 32 <= stop
+    a = photos.crop_pool(64, "train", seed=1)
+    assert a.dtype == np.uint8 and a.shape == (64, 32, 32, 3)
+    assert np.array_equal(a, photos.crop_pool(64, "train", seed=1))
+    assert not np.array_equal(a, photos.crop_pool(64, "train", seed=2))
+
+
+# ----------------------------------------------------------------------------- the tiny zoo
+def test_tiny_zoo_layout_and_tables(tiny_zoo):
+    root, config, manifest = tiny_zoo
+    names = (root / "labels" / "models.txt").read_text().split()
+    assert names == schema.sort_names(names) and len(set(names)) == config.generators
+    tables = _tables(root)
+    matrix = targets.label_matrix(tables)
+    assert matrix.shape == (config.generators, targets.NUM_LABEL_COLUMNS)
+    assert all(t.dtype == np.float64 for t in tables.values())
+    records = {g["name"]: g for g in manifest["generators"]}
+    for row, name in enumerate(names):
+        record = records[name]
+        assert record["row"] == row
+        for t in targets.DISCRETE_TARGETS:
+            assert tables[t.table][row, t.column] == schema.CLASS_NAMES[t.name].index(
+                record["architecture"][t.name])
+        flags = {t.name for t in targets.FLAG_TARGETS if tables[t.table][row, t.column] == 1}
+        assert flags == set(recipes.RECIPES[record["recipe"]].flags) == set(record["loss_flags"])
+        for t in targets.CONTINUOUS_TARGETS:
+            assert tables[t.table][row, t.column] == record["normalised_counts"][t.name]
+    counts = tables[targets.NET_TABLE][:, :9]
+    varying = counts.max(0) > counts.min(0)
+    assert varying.sum() >= 6 and np.all(counts[:, varying].min(0) == 0) and np.all(counts[:, varying].max(0) == 1)
+    assert np.array_equal(tables[targets.LOSS3_TABLE], recipes.group_vector(tables[targets.LOSS10_TABLE]))
+    folds = json.loads((root / "labels" / "splits.json").read_text())["test_splits"]
+    assert sorted(folds) == [str(k + 1) for k in range(config.folds)]
+    held_out = [n for fold in folds.values() for n in fold]
+    assert sorted(held_out) == sorted(names)
+    assert json.loads((root / "dataset.json").read_text()) == build.DATASET_JSON
+    for name in names:
+        images = _load_images(root, name)
+        assert images.shape == (config.images, 32, 32, 3) and images.dtype == np.uint8
+    assert manifest["settings"]["library_versions"]["jax"] == jax.__version__
+
+
+def test_tiny_zoo_loads_through_the_dataset_loader(tiny_zoo):
+    re116 = pytest.importorskip("adaparse_jax.data.re116")
+    root, config, _ = tiny_zoo
+    dataset = re116.load_dataset(root)
+    names = (root / "labels" / "models.txt").read_text().split()
+    assert list(dataset.names) == names
+    np.testing.assert_array_equal(dataset.labels, targets.label_matrix(_tables(root)))
+    tree = re116.validate_tree(dataset)
+    assert all(len(tree.files[n]) == config.images for n in names)
+    for fold in dataset.test_splits:
+        split = re116.make_split(dataset, fold, num_val=1)
+        assert len(split.test) == config.generators // config.folds
+        assert set(split.train) | set(split.val) | set(split.test) == set(names)
+
+
+def test_tiny_zoo_covers_every_recipe_and_class(tiny_zoo):
+    _, config, manifest = tiny_zoo
+    gens = manifest["generators"]
+    assert {g["recipe"] for g in gens} == set(recipes.RECIPES)
+    for target, classes in schema.CLASS_NAMES.items():
+        assert {g["architecture"][target] for g in gens} == set(classes), target
+    for g in gens:
+        training = g["training"]
+        assert training["steps"] == config.steps
+        losses = training["final_losses"]
+        assert all(np.isfinite(v) for v in losses.values()) and "total" in losses
+        recipe = recipes.RECIPES[g["recipe"]]
+        assert ("discriminator" in losses) == bool(recipe.adversarial)
+        assert ("reconstruction" in losses) == bool(recipe.reconstruction)
+
+
+def test_same_seed_gives_identical_files(tiny_zoo, tmp_path, compile_cache):
+    """Delete two generators and the tables from a copy, rebuild: every file is byte-identical."""
+    root, config, _ = tiny_zoo
+    copy = tmp_path / "zoo"
+    shutil.copytree(root, copy)
+    specs = build.zoo_specs(config)
+    # One adversarial generator (the shared critic) and one encoder (conditioning crops).
+    picks = [next(s for s in specs if recipes.RECIPES[s.recipe].adversarial),
+             next(s for s in specs if s.arch.encoder and not recipes.RECIPES[s.recipe].adversarial)]
+    for spec in picks:
+        shutil.rmtree(copy / "images" / spec.name)
+        (copy / ".build" / "records" / f"{spec.name}.json").unlink()
+    shutil.rmtree(copy / "labels")
+    (copy / "manifest.json").unlink()
+    build.build_zoo(copy, config, workers=WORKERS, progress=False, compilation_cache=compile_cache)
+    original, rebuilt = _files(root), _files(copy)
+    assert sorted(original) == sorted(rebuilt)
+    different = [k for k in original if not filecmp.cmp(original[k], rebuilt[k], shallow=False)]
+    assert different == []
+    times = json.loads((copy / ".build" / "times.json").read_text())
+    assert sorted(t["name"] for t in times[-2:]) == sorted(s.name for s in picks)
+
+
+def test_finished_zoo_is_reused(tiny_zoo):
+    root, config, manifest = tiny_zoo
+    stamp = {k: p.stat().st_mtime_ns for k, p in _files(root).items()}
+    t0 = time.time()
+    again = build.build_zoo(root, config, workers=WORKERS, progress=False)
+    assert time.time() - t0 < 10
+    assert again == manifest
+    assert {k: p.stat().st_mtime_ns for k, p in _files(root).items()} == stamp
+
+
+def test_directory_rules(tmp_path):
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no zoo"):
+        build.build_zoo(stranger, build.zoo_config("tiny"), progress=False)
+    assert (stranger / "notes.txt").read_text() == "mine"
+    old = tmp_path / "old"
+    (old / "images" / "G000").mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({"settings_hash": "0000"}))
+    (old / "user_file.txt").write_text("kept")
+    assert build._prepare_directory(old, "1111") == "fresh"
+    assert not (old / "images").exists() and not (old / "manifest.json").exists()
+    assert (old / "user_file.txt").read_text() == "kept"
+    with pytest.raises(ValueError, match="ZooConfig.folds"):
+        build.zoo_config("tiny", folds=1)
+    with pytest.raises(ValueError, match="unknown zoo size"):
+        build.zoo_config("huge")
+
+
+def test_untrained_twin_has_the_same_labels(tiny_zoo, tmp_path_factory, compile_cache):
+    root, config, manifest = tiny_zoo
+    twin_config = build.zoo_config("tiny", trained=False)
+    twin = tmp_path_factory.mktemp("zoo") / "tiny_untrained"
+    twin_manifest = build.build_zoo(twin, twin_config, workers=WORKERS, progress=False,
+                                    compilation_cache=compile_cache)
+    for rel in ("labels/models.txt", "labels/splits.json", *build.DATASET_JSON["labels"].values()):
+        assert filecmp.cmp(root / rel, twin / rel, shallow=False), rel
+    assert twin_manifest["settings_hash"] != manifest["settings_hash"]
+    assert all(g["training"] is None for g in twin_manifest["generators"])
+    names = [g["name"] for g in manifest["generators"]]
+    changed = [n for n in names if not np.array_equal(_load_images(root, n), _load_images(twin, n))]
+    assert len(changed) == len(names)
+
+
+def _spectral_features(u8: np.ndarray) -> np.ndarray:
+    """[N, 32, 32, 3] uint8 -> [N, F]: log amplitude spectrum of the gray high-pass residual
+    (quarter plane) and the mean residual per position modulo 2 and 4 (periodic up-sampling
+    patterns)."""
+    gray = u8.astype(np.float32).mean(-1) / 255.0
+    pad = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+    residual = gray - sum(pad[:, i: i + 32, j: j + 32] for i in range(3) for j in range(3)) / 9.0
+    n = len(u8)
+    spectrum = np.log(np.abs(np.fft.fft2(residual)) + 1e-4)[:, :17, :17].reshape(n, -1)
+    periodic = [np.abs(residual.reshape(n, 32 // p, p, 32 // p, p).mean((1, 3))).reshape(n, -1)
+                for p in (2, 4)]
+    return np.concatenate([spectrum, *periodic], axis=1)
+
+
+def test_upsampling_is_learnable_on_held_out_generators(tiny_zoo):
+    """Logistic regression on spectral features, trained on the other folds' generators only;
+    each held-out generator predicted once from its mean probability (generator-level F1)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    root, _, _ = tiny_zoo
+    names = (root / "labels" / "models.txt").read_text().split()
+    labels = np.load(root / build.DATASET_JSON["labels"]["net"])[:, targets.BY_NAME["upsampling"].column]
+    features = {n: _spectral_features(_load_images(root, n)) for n in names}
+    folds = json.loads((root / "labels" / "splits.json").read_text())["test_splits"]
+    truth, predicted = [], []
+    for test in folds.values():
+        train = [n for n in names if n not in test]
+        x = np.concatenate([features[n] for n in train])
+        y = np.concatenate([[labels[names.index(n)]] * len(features[n]) for n in train])
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=1000)).fit(x, y)
+        for n in test:
+            truth.append(labels[names.index(n)])
+            predicted.append(clf.classes_[clf.predict_proba(features[n]).mean(0).argmax()])
+    f1 = f1_score(truth, predicted, average="macro")
+    assert f1 >= 0.75, f"generator-level up-sampling F1 {f1:.2f} on held-out generators"
+
+
+def test_cli_reuses_a_finished_zoo(tiny_zoo):
+    import subprocess
+    import sys
+
+    root, _, manifest = tiny_zoo
+    done = subprocess.run([sys.executable, "-m", "adaparse_jax.zoo", "build", "--size", "tiny",
+                           "--out", str(root), "--no-progress"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert manifest["settings_hash"] in done.stdout and "24 generators x 32 images" in done.stdout
