@@ -239,11 +239,24 @@ def read_selection(workdir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def best_of(history, mode: str, steps=None) -> tuple[int | None, float | None]:
+    """(step, value) of the best validation entry; ties go to the later step, as Orbax's BestN
+    ranks them (so the checkpoint it keeps is this one). `steps`: only these steps count."""
+    best = (None, None)
+    for h in sorted(history, key=lambda h: h["step"]):
+        if steps is not None and h["step"] not in steps:
+            continue
+        v = h["value"]
+        if best[1] is None or (v >= best[1] if mode == "max" else v <= best[1]):
+            best = (int(h["step"]), float(v))
+    return best
+
+
 def selected_step(workdir: str | Path) -> tuple[int, str]:
     """The checkpoint a run's evaluation uses, and why.
 
-    With validation generators the run wrote `selection.json`: its best step by the validation
-    score (never the test generators). Otherwise the last checkpoint.
+    With validation generators the run wrote `selection.json`: the best of its validated
+    checkpoints by the validation score (never the test generators). Otherwise the last checkpoint.
     """
     ckpt_dir = Path(workdir) / CHECKPOINTS
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()) \
@@ -251,11 +264,8 @@ def selected_step(workdir: str | Path) -> tuple[int, str]:
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (has the run in {workdir} trained?)")
     sel = read_selection(workdir)
-    if sel is not None and sel.get("best_step") is not None:
-        best = int(sel["best_step"])
-        if best not in steps:
-            raise FileNotFoundError(f"{Path(workdir) / SELECTION} names best step {best}, which is not "
-                                    f"among the checkpoints {steps}")
-        return best, (f"best by validation {sel['metric']} ({sel['mode']}) = {sel['best_value']:.4f}")
-    return steps[-1], "last checkpoint (no validation generators)"
-
+    if sel is not None and sel.get("history"):
+        step, value = best_of(sel["history"], sel["mode"], set(steps))
+        if step is not None:
+            return step, f"best by validation {sel['metric']} ({sel['mode']}) = {value:.4f}"
+    return steps[-1], "last checkpoint (no validation score)"

@@ -211,6 +211,14 @@ def _sum_confusion(items: Sequence[Mapping[str, list]]) -> dict:
     return {name: np.sum([np.asarray(c[name]) for c in items], axis=0).tolist() for name in items[0]}
 
 
+_METHOD_ORDER = ("AdaParse", "RE-Net", "Random G.T. (AdaParse)", "Random G.T. (RE-Net)")
+
+
+def _method_rank(label: str) -> int:
+    """The papers' row order first (AdaParse, RE-Net, Random G.T.), other labels after, as given."""
+    return _METHOD_ORDER.index(label) if label in _METHOD_ORDER else len(_METHOD_ORDER)
+
+
 def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
              images_per_generator: Sequence[int | None] = DEFAULT_IMAGES_PER_GENERATOR,
              seed: int = 0, reuse: bool = True) -> dict:
@@ -245,7 +253,7 @@ def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
             raise ValueError(f"runs of split {r['split']} of {r['dataset']} test different generators")
         baseline_splits.setdefault(key, r)
     report_methods = []
-    for m in methods.values():
+    for m in sorted(methods.values(), key=lambda m: _method_rank(m["label"])):
         per_split = {r["split"]: r["metrics"] for r in m["runs"]}
         mean, std = _aggregate(per_split)
         report_methods.append({

@@ -855,8 +855,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                          train=False, mode=config.data.loader,
                                          num_workers=config.data.workers, names=run.dataset.names)
         selection = checkpointing.read_selection(workdir) or {
-            "metric": config.selection_metric, "mode": config.selection_mode, "best_step": None,
-            "best_value": None, "history": []}
+            "metric": config.selection_metric, "mode": config.selection_mode, "history": []}
+        # Entries after the restored step belong to a crashed continuation: they are redone.
+        selection["history"] = [h for h in selection["history"] if h["step"] <= start]
 
         def save(state, *, val: dict | None = None):
             step = int(state.step)
@@ -864,20 +865,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if val is not None:
                 value = float(val[config.selection_metric])
                 metrics = {checkpointing.SELECTION_KEY: value}
-                selection["history"] = [h for h in selection["history"] if h["step"] < step]
                 selection["history"].append({"step": step, "value": value})
-                # Ties go to the later step, as Orbax's BestN ranks them (so it keeps this one).
-                better = (selection["best_value"] is None
-                          or (value >= selection["best_value"] if config.selection_mode == "max"
-                              else value <= selection["best_value"]))
-                if better:
-                    selection["best_step"], selection["best_value"] = step, value
+                selection["best_step"], selection["best_value"] = checkpointing.best_of(
+                    selection["history"], config.selection_mode)
+                # Written before the checkpoint: a crash in between leaves an entry whose step has
+                # no checkpoint, which `selected_step` skips and a resume drops.
+                checkpointing.write_selection(workdir, selection)
             ckpt.save(state, loader_state=train_loader.get_state(),
                       meta={"model": model_record, "epoch": step // steps_per_epoch,
                             "param_count": n_params, "label": run_label(config)},
                       metrics=metrics)
-            if val is not None:
-                checkpointing.write_selection(workdir, selection)
 
         crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
         pending: list[tuple[int, int, dict]] = []  # (last step of the call, k, device metrics)
@@ -966,6 +963,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     log.info("epoch %d validation: %s = %.4f", epoch, config.selection_metric,
                              val[config.selection_metric])
                 save(state, val=val)
+                timer.update(t=time.perf_counter(), step=step)  # img/s measures training only
         flush(stop)
         bar.close()
         ckpt.wait()
