@@ -48,7 +48,7 @@ def tiny_zoo(tmp_path_factory, compile_cache):
 def _files(root: Path) -> dict[str, Path]:
     """Every file of a zoo except the build state, by relative path."""
     return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
-            if p.is_file() and ".build" not in p.relative_to(root).parts}
+            if p.is_file() and ".build" not in p.relative_to(root).parts and p.name != build.LOCK_FILE}
 
 
 def _tables(root: Path) -> dict[str, np.ndarray]:
@@ -252,6 +252,47 @@ def test_degradations():
         build.degrade(x, "jpeg", rng, (-1, 1))
 
 
+class _DivergingTrainer:
+    """Stands in for a compiled Trainer: training diverges above a learning-rate scale."""
+
+    def __init__(self, arch, limit):
+        self.generator = generators.Generator(arch)
+        self.limit = limit
+        self.calls = []
+
+    def init_state(self, rng, lr_scale):
+        return {"lr_scale": lr_scale, "init": rng.standard_normal(3)}
+
+    def train(self, state, real, inputs, key):
+        self.calls.append((state["lr_scale"], state["init"].tolist(), real.sum()))
+        value = np.nan if state["lr_scale"] > self.limit else 1.0
+        return state, np.full((len(real), len(recipes.LOSS_TERMS)), value, np.float32)
+
+    def generator_variables(self, state):
+        return {}
+
+    def sample(self, variables, inputs, key):
+        return np.zeros((len(inputs), 32, 32, 3), np.float32)
+
+    sample_batch_statistics = sample
+
+
+def test_diverging_training_is_retried_with_half_the_lr(monkeypatch):
+    config = build.zoo_config("tiny", generators=4, images=4, steps=3)
+    spec = build.zoo_specs(config)[0]
+    pools = {"train": np.zeros((8, 32, 32, 3), np.uint8), "sample": np.zeros((8, 32, 32, 3), np.uint8)}
+    fake = _DivergingTrainer(spec.arch, limit=spec.lr_scale * 0.3)
+    monkeypatch.setattr(recipes, "make_trainer", lambda arch, recipe: fake)
+    images, record = build.build_generator(spec, config, pools)
+    assert [c[0] for c in fake.calls] == [spec.lr_scale, spec.lr_scale / 2, spec.lr_scale / 4]
+    assert all(c[1:] == fake.calls[0][1:] for c in fake.calls)  # same initial weights and data
+    assert record["training"]["learning_rate_halvings"] == 2 and images.shape == (4, 32, 32, 3)
+    fake.limit, fake.calls = 0.0, []
+    with pytest.raises(FloatingPointError, match=spec.name):
+        build.build_generator(spec, config, pools)
+    assert len(fake.calls) == build.MAX_ATTEMPTS
+
+
 # ----------------------------------------------------------------------------- photographs
 def test_photographs_load_offline_and_regions_are_disjoint(monkeypatch):
     def no_network(*args, **kwargs):
@@ -334,7 +375,7 @@ def test_tiny_zoo_covers_every_recipe_and_class(tiny_zoo):
         assert {g["architecture"][target] for g in gens} == set(classes), target
     for g in gens:
         training = g["training"]
-        assert training["steps"] == config.steps
+        assert training["steps"] == config.steps and training["learning_rate_halvings"] == 0
         losses = training["final_losses"]
         assert all(np.isfinite(v) for v in losses.values()) and "total" in losses
         recipe = recipes.RECIPES[g["recipe"]]

@@ -14,15 +14,17 @@ Output (`OUT`):
                                     normalisation, library versions, and every generator's
                                     hyperparameters in words, raw counts and final training losses
     .build/                         build state: settings, one record per finished generator, times
+    .lock                           held (flock) while a build writes the directory
 
 Determinism: the same settings (size, seed, trained or not, library versions) give byte-identical
 PNGs and label tables on the same kind of CPU. Every generator is built in a spawned worker process
 with single-threaded XLA on the CPU, from NumPy/JAX random streams keyed by (seed, stream,
 generator index), so neither the number of workers nor the order of completion changes a file.
 
-Reuse: a finished zoo whose settings hash matches is returned as is; an unfinished one with the same
-settings resumes, rebuilding only generators without a record; a zoo with other settings is
-removed and rebuilt. A non-empty directory that is not a zoo is refused.
+Reuse: a finished zoo whose settings hash matches (the settings include a hash of this package's
+source) is returned as is; an unfinished one with the same settings resumes, rebuilding only
+generators without a record; a zoo with other settings is removed and rebuilt. A non-empty
+directory that is not a zoo is refused.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ DATASET_JSON = {
 # Random streams of one zoo seed, besides schema.SCHEMA_STREAM and photos.PHOTO_STREAM.
 INIT_STREAM, TRAIN_STREAM, SAMPLE_STREAM, SPLIT_STREAM = 2, 3, 4, 5
 SAMPLE_CHUNK = 50  # images per sampler call; a fixed shape so one compile serves every chunk
+MAX_ATTEMPTS = 3  # training runs per generator (the lr halved after a non-finite one)
 WORKER_ENV = {
     # Single-threaded XLA per worker: about 2x the throughput of one two-thread process here, and
     # the same numerics whatever the machine's core count.
@@ -136,12 +139,21 @@ def library_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
+def code_hash() -> str:
+    """Hash of the zoo's source files: a zoo made by other code is rebuilt, not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def settings_of(config: ZooConfig) -> dict:
     """Everything that determines the zoo's files (the hash input)."""
     from adaparse_jax.zoo import recipes
 
     return {
         "format": ZOO_FORMAT,
+        "code": code_hash(),
         "config": dataclasses.asdict(config),
         "recipes": list(recipes.RECIPES),
         "photographs": list(photos.PHOTOGRAPHS),
@@ -186,54 +198,37 @@ def _seed_rng(config: ZooConfig, stream: int, index: int) -> np.random.Generator
     return np.random.default_rng([config.seed, stream, index])
 
 
-def build_generator(spec: schema.GeneratorSpec, config: ZooConfig, pools: dict) -> tuple[np.ndarray, dict]:
-    """Initialise, train (unless untrained) and sample one generator.
-
-    Returns (uint8 images [config.images, 32, 32, 3], record): the record holds the spec in words,
-    the raw counts measured on the network and the final training losses.
-    """
+def _training_data(spec: schema.GeneratorSpec, config: ZooConfig, pools: dict):
+    """(real [S, B, 32, 32, 3], inputs [S, B, ...], key) of a generator's training run."""
     import jax
-    import jax.numpy as jnp
 
-    from adaparse_jax.zoo import generators, recipes
+    from adaparse_jax.zoo import generators
 
     arch = spec.arch
-    trainer = recipes.make_trainer(arch, spec.recipe)
-    data_range = generators.DATA_RANGES[arch.nonlin_last]
-    state = trainer.init_state(_seed_rng(config, INIT_STREAM, spec.index), spec.lr_scale)
-    training = None
-    if config.trained:
-        rng = _seed_rng(config, TRAIN_STREAM, spec.index)
-        shape = (config.steps, config.batch)
-        real = generators.to_data_range(pools["train"][rng.integers(0, len(pools["train"]), shape)],
-                                        arch.nonlin_last)
-        if arch.encoder:
-            inputs = degrade(real, spec.degradation, rng, data_range)
-        else:
-            inputs = rng.standard_normal((*shape, arch.latent_dim)).astype(np.float32)
-        key = jax.random.key(int(rng.integers(2**31)))
-        state, losses = trainer.train(state, real, inputs, key)
-        if not np.all(np.isfinite(losses)):
-            raise FloatingPointError(f"generator {spec.name} ({spec.recipe}) diverged: "
-                                     f"non-finite training loss")
-        tail = losses[-max(1, config.steps // 10):].mean(axis=0)
-        recipe = recipes.RECIPES[spec.recipe]
-        active = {"total", "reconstruction" if recipe.reconstruction else None,
-                  "kl" if recipe.kl else None, "mmd" if recipe.image_mmd or recipe.code_mmd else None,
-                  "adversarial" if recipe.adversarial else None,
-                  "discriminator" if recipe.adversarial else None}
-        training = {
-            "steps": config.steps, "batch": config.batch,
-            "learning_rate": recipe.learning_rate * spec.lr_scale, "beta1": recipe.beta1,
-            "final_losses": {k: float(v) for k, v in zip(recipes.LOSS_TERMS, tail) if k in active},
-        }
+    rng = _seed_rng(config, TRAIN_STREAM, spec.index)
+    shape = (config.steps, config.batch)
+    real = generators.to_data_range(pools["train"][rng.integers(0, len(pools["train"]), shape)],
+                                    arch.nonlin_last)
+    if arch.encoder:
+        inputs = degrade(real, spec.degradation, rng, generators.DATA_RANGES[arch.nonlin_last])
+    else:
+        inputs = rng.standard_normal((*shape, arch.latent_dim)).astype(np.float32)
+    return real, inputs, jax.random.key(int(rng.integers(2**31)))
 
+
+def _sample(trainer, state, spec: schema.GeneratorSpec, config: ZooConfig, pools: dict) -> np.ndarray:
+    """Raw generator outputs [config.images, 32, 32, 3] in the data range."""
+    import jax
+
+    from adaparse_jax.zoo import generators
+
+    arch = spec.arch
     rng = _seed_rng(config, SAMPLE_STREAM, spec.index)
     n = config.images
     if arch.encoder:
         crops = pools["sample"][rng.choice(len(pools["sample"]), n, replace=False)]
         inputs = degrade(generators.to_data_range(crops, arch.nonlin_last), spec.degradation, rng,
-                         data_range)
+                         generators.DATA_RANGES[arch.nonlin_last])
     else:
         inputs = rng.standard_normal((n, arch.latent_dim)).astype(np.float32)
     key = jax.random.key(int(rng.integers(2**31)))
@@ -245,21 +240,63 @@ def build_generator(spec: schema.GeneratorSpec, config: ZooConfig, pools: dict) 
     variables = trainer.generator_variables(state)
     chunk = min(SAMPLE_CHUNK, n)
     padded = np.concatenate([inputs, inputs[: (-n) % chunk]]) if n % chunk else inputs
-    outputs = [np.asarray(sample(variables, jnp.asarray(padded[i: i + chunk]),
-                                 jax.random.fold_in(key, i)))
+    outputs = [np.asarray(sample(variables, padded[i: i + chunk], jax.random.fold_in(key, i)))
                for i in range(0, len(padded), chunk)]
-    images = generators.to_uint8(np.concatenate(outputs)[:n], arch.nonlin_last)
+    return np.concatenate(outputs)[:n]
 
+
+def build_generator(spec: schema.GeneratorSpec, config: ZooConfig, pools: dict) -> tuple[np.ndarray, dict]:
+    """Initialise, train (unless untrained) and sample one generator.
+
+    A run whose losses or samples are not finite is repeated with half the learning rate (from the
+    same initial weights and data, so still deterministic), at most MAX_ATTEMPTS times in all; the
+    record says how many halvings it took.
+
+    Returns (uint8 images [config.images, 32, 32, 3], record): the record holds the spec in words,
+    the raw counts measured on the network and the final training losses.
+    """
+    from adaparse_jax.zoo import generators, recipes
+
+    arch = spec.arch
+    recipe = recipes.RECIPES[spec.recipe]
+    trainer = recipes.make_trainer(arch, spec.recipe)
+    training = None
+    for attempt in range(MAX_ATTEMPTS if config.trained else 1):
+        lr_scale = spec.lr_scale * 0.5**attempt
+        state = trainer.init_state(_seed_rng(config, INIT_STREAM, spec.index), lr_scale)
+        losses = np.zeros((1, len(recipes.LOSS_TERMS)), np.float32)
+        if config.trained:
+            state, losses = trainer.train(state, *_training_data(spec, config, pools))
+        outputs = _sample(trainer, state, spec, config, pools)
+        if np.all(np.isfinite(losses)) and np.all(np.isfinite(outputs)):
+            break
+    else:
+        raise FloatingPointError(
+            f"generator {spec.name} ({spec.recipe}, {arch}) gives non-finite "
+            f"{'losses or samples' if config.trained else 'samples'} even at "
+            f"{0.5 ** (MAX_ATTEMPTS - 1):g} x its learning rate")
+    if config.trained:
+        tail = losses[-max(1, config.steps // 10):].mean(axis=0)
+        active = {"total", "reconstruction" if recipe.reconstruction else None,
+                  "kl" if recipe.kl else None, "mmd" if recipe.image_mmd or recipe.code_mmd else None,
+                  "adversarial" if recipe.adversarial else None,
+                  "discriminator" if recipe.adversarial else None}
+        training = {
+            "steps": config.steps, "batch": config.batch,
+            "learning_rate": recipe.learning_rate * lr_scale, "beta1": recipe.beta1,
+            "learning_rate_halvings": attempt,
+            "final_losses": {k: float(v) for k, v in zip(recipes.LOSS_TERMS, tail) if k in active},
+        }
     record = {
         "name": spec.name,
         "index": spec.index,
         **spec.describe(),
         "class_ids": arch.class_ids(),
-        "loss_flags": list(recipes.RECIPES[spec.recipe].flags),
+        "loss_flags": list(recipe.flags),
         "raw_counts": generators.architecture_counts(trainer.generator),
         "training": training,
     }
-    return images, record
+    return generators.to_uint8(outputs, arch.nonlin_last), record
 
 
 # ----------------------------------------------------------------------------- workers
@@ -401,6 +438,7 @@ def _assemble(out: Path, config: ZooConfig, settings: dict, digest: str,
 
 # ----------------------------------------------------------------------------- driver
 _MANAGED = ("images", "labels", ".build", "dataset.json", "manifest.json")
+LOCK_FILE = ".lock"
 
 
 def _generator_done(out: Path, name: str, images: int) -> bool:
@@ -416,7 +454,7 @@ def _prepare_directory(out: Path, digest: str) -> str:
         return "reuse"
     if state.is_file() and json.loads(state.read_text()).get("settings_hash") == digest:
         return "resume"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not (manifest.is_file() or state.is_file()):
             raise FileExistsError(f"{out} is not empty and holds no zoo (no manifest.json or "
                                   ".build/settings.json); refusing to overwrite it")
@@ -427,6 +465,21 @@ def _prepare_directory(out: Path, digest: str) -> str:
             elif path.exists():
                 path.unlink()
     return "fresh"
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an flock on OUT/.lock: two builds writing one zoo would delete each other's state."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as handle:  # "a": a reused zoo's files keep their mtimes
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another zoo build is writing {out}; wait for it or choose "
+                               "another --out") from None
+        yield
 
 
 def build_zoo(out_dir: str | os.PathLike, config: ZooConfig, workers: int | None = None,
@@ -443,6 +496,12 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig, workers: int | None
     from adaparse_jax.zoo import recipes
 
     out = Path(out_dir)
+    with _exclusive(out):
+        return _build_locked(out, config, workers, progress, compilation_cache)
+
+
+def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: bool,
+                  compilation_cache) -> dict:
     settings = settings_of(config)
     digest = settings_hash(settings)
     specs = zoo_specs(config)
@@ -478,9 +537,14 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig, workers: int | None
             label = f"zoo {config.size} ({'trained' if config.trained else 'untrained'})"
             with tqdm(total=len(specs), initial=len(specs) - len(pending), desc=label,
                       unit="gen", disable=not progress) as bar:
-                for future in concurrent.futures.as_completed(futures):
-                    times.append(future.result())
-                    bar.update(1)
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        times.append(future.result())
+                        bar.update(1)
+                except BaseException:
+                    # Finished generators keep their records (a rerun resumes); queued ones stop.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         pools_path.unlink()
     manifest = _assemble(out, config, settings, digest, specs)
     log = build / "times.json"
