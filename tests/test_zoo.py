@@ -430,6 +430,15 @@ def test_directory_rules(tmp_path):
     assert build._prepare_directory(old, "1111") == "fresh"
     assert not (old / "images").exists() and not (old / "manifest.json").exists()
     assert (old / "user_file.txt").read_text() == "kept"
+    busy = tmp_path / "busy"
+    with build._exclusive(busy):
+        with pytest.raises(RuntimeError, match="another zoo build is writing"):
+            build.build_zoo(busy, build.zoo_config("tiny"), progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        build.build_zoo(broken, build.zoo_config("tiny"), progress=False)
     with pytest.raises(ValueError, match="ZooConfig.folds"):
         build.zoo_config("tiny", folds=1)
     with pytest.raises(ValueError, match="unknown zoo size"):

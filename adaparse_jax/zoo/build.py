@@ -64,8 +64,8 @@ INIT_STREAM, TRAIN_STREAM, SAMPLE_STREAM, SPLIT_STREAM = 2, 3, 4, 5
 SAMPLE_CHUNK = 50  # images per sampler call; a fixed shape so one compile serves every chunk
 MAX_ATTEMPTS = 3  # training runs per generator (the lr halved after a non-finite one)
 WORKER_ENV = {
-    # Single-threaded XLA per worker: about 2x the throughput of one two-thread process here, and
-    # the same numerics whatever the machine's core count.
+    # Single-threaded XLA per worker (the zoo prototype measured about 2x the throughput of one
+    # two-thread process on this project's CPU), and the same numerics whatever the core count.
     "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
     "JAX_PLATFORMS": "cpu",
     "OMP_NUM_THREADS": "1",
@@ -325,6 +325,13 @@ def _write_png_folder(folder: Path, images: np.ndarray) -> None:
     tmp.rename(folder)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to rebuild") from None
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
@@ -418,7 +425,7 @@ def _assemble(out: Path, config: ZooConfig, settings: dict, digest: str,
               specs: Sequence[schema.GeneratorSpec]) -> dict:
     """Label tables, names, splits, dataset.json and manifest.json from the generator records."""
     names = schema.sort_names([s.name for s in specs])
-    records = [json.loads((out / ".build" / "records" / f"{n}.json").read_text()) for n in names]
+    records = [_read_json(out / ".build" / "records" / f"{n}.json") for n in names]
     tables, normalisation = label_tables(records)
     targets.label_matrix(tables)  # raises, naming table/row/column, on any invalid value
     for key, table in tables.items():
@@ -450,9 +457,9 @@ def _generator_done(out: Path, name: str, images: int) -> bool:
 def _prepare_directory(out: Path, digest: str) -> str:
     """'reuse' | 'resume' | 'fresh'; removes a zoo built with other settings."""
     manifest, state = out / "manifest.json", out / ".build" / "settings.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("settings_hash") == digest:
+    if manifest.is_file() and _read_json(manifest).get("settings_hash") == digest:
         return "reuse"
-    if state.is_file() and json.loads(state.read_text()).get("settings_hash") == digest:
+    if state.is_file() and _read_json(state).get("settings_hash") == digest:
         return "resume"
     if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not (manifest.is_file() or state.is_file()):
@@ -507,7 +514,7 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
     specs = zoo_specs(config)
     mode = _prepare_directory(out, digest)
     if mode == "reuse" and all(_generator_done(out, s.name, config.images) for s in specs):
-        return json.loads((out / "manifest.json").read_text())
+        return _read_json(out / "manifest.json")
 
     build = out / ".build"
     (build / "records").mkdir(parents=True, exist_ok=True)
@@ -548,6 +555,6 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
         pools_path.unlink()
     manifest = _assemble(out, config, settings, digest, specs)
     log = build / "times.json"
-    previous = json.loads(log.read_text()) if log.is_file() else []
+    previous = _read_json(log) if log.is_file() else []
     _write_json(log, previous + sorted(times, key=lambda t: t["name"]))
     return manifest
