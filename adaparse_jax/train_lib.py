@@ -58,7 +58,7 @@ from adaparse_jax.data import pipeline
 log = logging.getLogger("adaparse_jax.train")
 
 CLASS_WEIGHTS = ("official", "train")
-GENERATE = ("", "synthetic", "zoo:tiny", "zoo:small", "zoo:medium", "zoo:large")
+GENERATE = ("", "synthetic", "zoo:tiny", "zoo:demo", "zoo:bench")  # zoo sizes: adaparse_jax.zoo.SIZES
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 # Testing hook: SIGKILL this process right after dispatching the step that reaches this number, to

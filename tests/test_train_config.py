@@ -118,3 +118,10 @@ def test_run_labels_come_from_arch_and_random_gt():
     assert train_lib.run_label(config) == "Random G.T. (RE-Net)"
     config.label = "RE-Net, add fusion"
     assert train_lib.run_label(config) == "RE-Net, add fusion"
+
+
+def test_generate_choices_name_the_zoo_sizes():
+    from adaparse_jax import zoo
+
+    zoo_kinds = {g.split(":", 1)[1] for g in train_lib.GENERATE if g.startswith("zoo:")}
+    assert zoo_kinds == set(zoo.SIZES)
