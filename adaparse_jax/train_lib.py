@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from adaparse_jax import losses as losses_lib
+from adaparse_jax import metrics as metrics_lib
 from adaparse_jax import models, targets
 from adaparse_jax.data import pipeline
 
@@ -462,15 +463,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
 
 
 def decisions(outputs: Mapping[str, Any]) -> dict:
-    """Model outputs -> flat predictions: continuous values, per-class probabilities, class ids.
-
-    Class ids are the argmax of the official per-class outputs (`probs`; flags gated by their group).
-    """
-    out = {"continuous": outputs["continuous"]}
-    for t in targets.CLASSIFICATION_TARGETS:
-        probs = outputs["probs"][t.name]
-        out[f"prob/{t.name}"] = probs
-        out[t.name] = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+    """Model outputs -> flat predictions: `metrics.predictions_from_outputs` (continuous values and
+    class ids) plus the official per-class outputs as 'prob/<name>' (flags gated by their group)."""
+    out = metrics_lib.predictions_from_outputs(outputs)
+    out.update({f"prob/{t.name}": outputs["probs"][t.name] for t in targets.CLASSIFICATION_TARGETS})
     return out
 
 
