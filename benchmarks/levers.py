@@ -41,13 +41,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adaparse_jax import models, targets, train_lib
 from adaparse_jax.models.dncnn import DnCNN
 from benchmarks import common
-from benchmarks.model_bench import (SHORT_DTYPE, Bench, compile_step, failed_row, host_batch,
-                                    memory_verdict, row, train_row)
+from benchmarks.model_bench import (
+    SHORT_DTYPE,
+    Bench,
+    compile_step,
+    failed_row,
+    host_batch,
+    memory_verdict,
+    row,
+    train_row,
+)
 
 BRANCH_MODES = ("folded", "vmap", "loop")
 
@@ -336,7 +343,8 @@ def lever_rows(bench: Bench, dtype: str, batch: int, *, fused: tuple[int, ...], 
     yield _lever_row(on, "donation", "state donated", None)
     off = _lever_row(off, "donation", "state copied (not donated)", on)
     if off.get("memory") and on.get("memory"):
-        off["details"] += f"; compiled memory {common.gib(off['memory'])} vs {common.gib(on['memory'])} donated"
+        off["details"] += (f"; compiled memory {common.gib(off['memory'])} vs "
+                           f"{common.gib(on['memory'])} donated")
     yield off
     yield _lever_row(on, "fused steps", f"K=1 (B={batch} per call)", None)
     for k in (k for k in fused if k > 1):

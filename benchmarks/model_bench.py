@@ -178,7 +178,8 @@ def _input_feeder(placed: dict, host: list[dict] | None):
 
 
 def train_row(bench: Bench, dtype: str, batch: int, *, fused: int = 1, donate: bool = True,
-              unrolled: bool = False, input_mode: str = "reuse", repeats: int = 3, warmup: int = 1, peak: float | None = None,
+              unrolled: bool = False, input_mode: str = "reuse", repeats: int = 3, warmup: int = 1,
+              peak: float | None = None,
               min_repeat_s: float = 0.5, section: str = "model", name: str | None = None) -> dict:
     """Training img/s of one configuration (K = `fused` optimiser steps of `batch` per call)."""
     name = name or (f"{bench.title} train {SHORT_DTYPE.get(dtype, dtype)} B={batch}"

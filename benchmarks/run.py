@@ -124,12 +124,14 @@ def markdown(env: dict, peaks: dict, rows: list[dict], wall_s: float, inits: dic
     def table(header: str, cells, selected: list[dict]) -> None:
         if selected:
             names = header.split(" | ")
-            out.extend([f"| {header} |", "|" + "|".join("---" if i == 0 or n in ("lever", "setting", "details")
-                                                         else "---:" for i, n in enumerate(names)) + "|"])
+            left = ("lever", "setting", "details")
+            out.extend([f"| {header} |", "|" + "|".join("---" if i == 0 or n in left else "---:"
+                                                         for i, n in enumerate(names)) + "|"])
             out.extend("| " + " | ".join(_cell(c) for c in cells(r)) + " |" for r in selected)
             out.append("")
 
-    table("benchmark | img/s | ms/call | GFLOP/img (XLA) | model GFLOP/img | MFU | compile s | memory | details",
+    table("benchmark | img/s | ms/call | GFLOP/img (XLA) | model GFLOP/img | MFU | compile s | memory "
+          "| details",
           lambda r: (r["name"], _num(r["img_per_s"]), _num(r["ms_per_call"]), _num(r["xla_gflop_per_img"]),
                      _num(r["model_gflop_per_img"]), _pct(r["mfu"]), _num(r["compile_s"]),
                      common.gib(r["memory"]), r["details"]),
@@ -165,7 +167,7 @@ def headroom_rows(data: list[dict], rows: list[dict]) -> list[dict]:
     for d in data:
         if not d["name"].startswith("data/loader") or "batch 16" not in d["name"]:
             continue
-        parts = [f"{d['img_per_s'] / s['img_per_s']:.3g}x {s['name']} ({_num(s['img_per_s'])} img/s)"
+        parts = [f"{_num(d['img_per_s'] / s['img_per_s'])}x {s['name']} ({_num(s['img_per_s'])} img/s)"
                  for s in steps if s.get("batch") in (2, 4, 16) and s.get("fused") == 1]
         if parts:
             out.append(model_bench.row("data", f"headroom: {d['name'].removeprefix('data/')}",
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--archs", default=",".join(ARCHS), help="model rows of these architectures")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="model rows in these compute dtypes")
+    parser.add_argument("--batches", default="", help="model rows at these batch sizes only, e.g. 16,64")
     parser.add_argument("--size", default="full", choices=("full", "tiny"),
                         help="model size ('tiny' only to smoke-test the bench itself)")
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats per row (0: the plan's)")
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lever-batch", type=int, help="levers at this batch size")
     parser.add_argument("--fused", help="fused-step counts of the lever, e.g. 1,4,8 (given: the rolled "
                                         "lax.scan rows are measured on a CPU too)")
-    parser.add_argument("--out", default=str(common.ROOT / "BENCHMARKS.md"), help="Markdown file to append to")
+    parser.add_argument("--out", default=str(common.ROOT / "BENCHMARKS.md"),
+                        help="Markdown file to append to")
     parser.add_argument("--no-append", action="store_true", help="print the section, do not append it")
     parser.add_argument("--json", default="", help="also write every row and the environment here")
     args = parser.parse_args(argv)
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown section {s!r}; expected some of {', '.join(SECTIONS)}")
     archs = [a for a in args.archs.split(",") if a]
     dtypes = [d for d in args.dtypes.split(",") if d]
+    batches = {int(b) for b in args.batches.split(",") if b}
     for a in archs:
         if a not in ARCHS:
             parser.error(f"unknown architecture {a!r}; expected some of {', '.join(ARCHS)}")
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "model" in sections:
         for arch, dtype, kind, batch, fused in p["model"]:
-            if arch not in archs or dtype not in dtypes:
+            if arch not in archs or dtype not in dtypes or (batches and batch not in batches):
                 continue
             timing = {"repeats": repeats, "warmup": 1}
             if not args.repeats:

@@ -64,8 +64,22 @@ def _child(out: str) -> None:
     kw = dict(label_table=labels, class_weights=targets.class_weights(labels), loss_config=config.loss)
     step = train_lib.make_train_step(model, tx, **kw)
     eval_step = train_lib.make_eval_step(model)
-    # Initialised once (the step donates its input state, so each run gets its own copy).
-    init = jax.device_get(train_lib.init_state(model, tx, jax.random.key(0), (size, size, 3)))
+    # Initialised once (the step donates its input state, so each run gets its own copy), from the
+    # state's shapes with scaled random values: compiling `init_state` would take longer than the test.
+    shapes = train_lib.state_shapes(model, tx, (size, size, 3))
+    init_rng = np.random.default_rng(1)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if leaf.ndim >= 2:
+            scale = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
+            return (scale * init_rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+        return np.full(leaf.shape, 1.0 if ("'scale'" in name or "'var'" in name) else 0.0, leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(fill, shapes.params)
+    init = train_lib.TrainState(step=np.zeros((), np.int32), params=params,
+                                batch_stats=jax.tree_util.tree_map_with_path(fill, shapes.batch_stats),
+                                opt_state=jax.device_get(tx.init(params)), rng=jax.random.key(0))
 
     def run(place_state, place_batch):
         state = place_state(jax.tree.map(lambda x: x.copy(), init))
@@ -110,7 +124,8 @@ def _child(out: str) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    flag = f"--xla_force_host_platform_device_count={DEVICES}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
