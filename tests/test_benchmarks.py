@@ -152,6 +152,7 @@ def test_time_calls_takes_the_median_per_call_over_repeats():
     assert timing["seconds"] < 0.03
 
 
+@pytest.mark.slow
 def test_parser_trunk_is_the_models_and_explicit_padding_the_same_function():
     """The parser-padding lever times the ParsingNetwork's own conv stages, and its variant is exact."""
     cfg = models.model_config("adaparse", "tiny")
