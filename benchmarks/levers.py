@@ -412,7 +412,8 @@ def padding_rows(bench: Bench, dtype: str, batch: int, *, repeats: int,
     s, t = bench.image_size, (targets.NUM_HEADS if bench.arch == "adaparse" else 1)
     fp = jax.random.normal(jax.random.key(0), (batch * t, s, s, 3), jnp.float32)
     params = ParserTrunk(tuple(cfg.parser_conv_features)).init(jax.random.key(1), fp[:1])["params"]
-    variants = [(("jnp.pad + VALID convolution" if explicit else "padding=2 in the convolution (the model)")
+    variants = [(("jnp.pad + VALID convolution (the model's default)" if explicit
+                  else "padding=2 in the convolution (parser_explicit_padding=False)")
                  + f", B={batch}", ("padding", explicit, dtype, batch), padding_step(cfg, explicit))
                 for explicit in (False, True)]
     return _component_rows(bench, "parser padding", variants, (params, fp), images=batch,

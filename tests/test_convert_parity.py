@@ -243,3 +243,9 @@ def test_adaparse_parity_passes(shared_dir, capsys):
         outputs = [k for k in z.files if k.startswith(("eval/", "trainbn/"))]
     assert len(outputs) == 79 and all(k in out for k in outputs)
     assert "FAIL" not in out
+    # The parser and loss terms, fed the file's own fingerprints, hold the tolerance itself.
+    staged = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+              if line.startswith(parity.STAGED)}
+    expected = {parity.STAGED + k for k in outputs if k.startswith(("eval/parser/", "trainbn/parser/"))
+                or k.startswith("trainbn/loss/")}
+    assert set(staged) == expected and max(staged.values()) <= 1e-4

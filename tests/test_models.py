@@ -409,3 +409,21 @@ def test_bfloat16_compute_keeps_float32_params(adaparse_run):
     b = np.asarray(out32["fingerprints"])
     assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b)
     np.testing.assert_allclose(out16["continuous"], out32["continuous"], atol=0.05)
+
+
+def test_parser_explicit_padding_is_the_same_function():
+    """jnp.pad + VALID convolutions (the default, fast on XLA:CPU) equal padding=2: values and grads."""
+    cfg = tiny("renet")
+    variables = numpy_variables(cfg)
+    x = images(cfg)
+
+    def loss(params, padded):
+        model = models.build_model(tiny("renet", parser_explicit_padding=padded))
+        out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+        return out["continuous"].sum() + sum(p.sum() for p in out["probs"].values())
+
+    explicit, grads_explicit = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(variables["params"])
+    implicit, grads_implicit = jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(variables["params"])
+    np.testing.assert_allclose(explicit, implicit, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grads_explicit), jax.tree_util.tree_leaves(grads_implicit)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -45,6 +45,8 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       use_instance_code / use_base_code / use_hp_code: z_it, z_b, z_hp on or off.
       fusion: 'concat' (official) | 'add' | 'attention' (see hypernet.BroadcastedFusion).
       parser_conv_features, parser_fc_features: ParsingNetwork stages and FC widths.
+      parser_explicit_padding: the parser's padding-2 convolutions as jnp.pad + VALID convolution
+        (the same function, fast on XLA:CPU; see parsing.ParsingNetwork) or padding=2 (False).
       dropout: dropout rate before the parser's fc1.
       dtype: compute dtype 'float32' | 'bfloat16' ('float64' with jax_enable_x64, for checks);
       param_dtype: parameter dtype.
@@ -70,6 +72,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.fusion = "concat"
     cfg.parser_conv_features = (32, 64, 128, 256, 512)
     cfg.parser_fc_features = (512, 256, 64)
+    cfg.parser_explicit_padding = True
     cfg.dropout = 0.5
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
@@ -116,7 +119,7 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
         if (not isinstance(v, (tuple, list)) or not v
                 or not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in v)):
             fail(field, "a non-empty tuple of positive integers")
-    for field in ("use_instance_code", "use_base_code", "use_hp_code"):
+    for field in ("use_instance_code", "use_base_code", "use_hp_code", "parser_explicit_padding"):
         if not isinstance(cfg[field], bool):
             fail(field, "True or False")
     if not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
@@ -141,7 +144,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
     _check_config(cfg)
     kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
     parser = ParsingNetwork(tuple(cfg.parser_conv_features), tuple(cfg.parser_fc_features),
-                            float(cfg.dropout), **kw)
+                            float(cfg.dropout), explicit_padding=cfg.parser_explicit_padding, **kw)
     if cfg.arch == "renet":
         return RENet(fen=dncnn_fen(cfg.width, cfg.depth, **kw), parser=parser,
                      image_size=cfg.image_size)

@@ -34,7 +34,7 @@ def torch_bias_init(fan_in: int):
     return init
 
 
-def conv3x3(features: int, in_features: int, *, padding: int = 1, kaiming: bool = False,
+def conv3x3(features: int, in_features: int, *, padding: int | str = 1, kaiming: bool = False,
             **kw) -> nn.Conv:
     """3x3 convolution with bias and torch's initialisation (`kaiming`: kaiming_normal_ kernel)."""
     return nn.Conv(features, (3, 3), padding=padding,

@@ -54,11 +54,16 @@ class ParsingNetwork(nn.Module):
       conv_features: channels of the conv-ReLU-maxpool stages (`conv1`, ...).
       fc_features: widths of the FC + ReLU layers (`fc1`, ...); the last is the heads' input.
       dropout_rate: dropout on the flattened conv features (torch `nn.Dropout()` before `fc1`).
+      explicit_padding: pad with `jnp.pad` and convolve with VALID padding instead of passing
+        padding=2 to the convolution: the same function (same parameters, outputs and gradients),
+        but XLA:CPU computes the weight gradient of a padding-2 convolution on a slow path, 20-60x
+        slower (BENCHMARKS.md, lever "parser padding").
     """
 
     conv_features: tuple[int, ...] = (32, 64, 128, 256, 512)
     fc_features: tuple[int, ...] = (512, 256, 64)
     dropout_rate: float = 0.5
+    explicit_padding: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -68,7 +73,10 @@ class ParsingNetwork(nn.Module):
         b, t = fingerprints.shape[:2]
         x = fingerprints.reshape(b * t, *fingerprints.shape[2:]).astype(self.dtype)
         for i, f in enumerate(self.conv_features, start=1):
-            x = nn.relu(conv3x3(f, x.shape[-1], padding=2, name=f"conv{i}", **kw)(x))
+            if self.explicit_padding:
+                x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+            x = nn.relu(conv3x3(f, x.shape[-1], padding="VALID" if self.explicit_padding else 2,
+                                name=f"conv{i}", **kw)(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(b * t, -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
