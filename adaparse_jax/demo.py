@@ -1,0 +1,278 @@
+"""`make demo`: build (or reuse) a synthetic zoo, train AdaParse / RE-Net / Random G.T. on every
+fold, and print the held-out tables with honest scoring.
+
+    python -m adaparse_jax.demo                                 # configs/demo.py
+    python -m adaparse_jax.demo --config configs/demo.py --config.workdir=runs/demo2
+
+What runs, where it goes and what the output means: configs/demo.py's docstring. The pieces are
+library calls: `zoo.build_zoo` (the zoo), `train_lib.train_and_evaluate` (one run per method, fold
+and Random-G.T. seed, each in its own workdir, resumable), `evaluation.evaluate` (the papers'
+per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out scores, p-values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import ml_collections
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+ZOO_DIR, CACHE_DIR, RUNS_DIR, RESULTS_DIR, XLA_CACHE_DIR = "zoo", "cache", "runs", "results", "xla_cache"
+log = logging.getLogger("adaparse_jax.demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the demo: a method on one fold (and one Random-G.T. seed)."""
+
+    arch: str
+    fold: str
+    random_gt_seed: int | None  # None: true labels
+    workdir: Path
+
+    @property
+    def name(self) -> str:
+        from adaparse_jax import train_lib
+
+        c = ml_collections.ConfigDict({"label": "", "random_gt": self.random_gt_seed is not None,
+                                       "model": {"arch": self.arch}})
+        seed = "" if self.random_gt_seed is None else f" seed {self.random_gt_seed}"
+        return f"{train_lib.run_label(c)}{seed}, fold {self.fold}"
+
+
+@contextlib.contextmanager
+def shared_compilation(cache_dir: Path) -> Iterator[None]:
+    """A persistent compilation cache that every run of the demo shares (restored on exit).
+
+    The runs differ only in their label table and class weights; hoisting closed-over arrays out
+    of the compiled programs (instead of embedding them as constants) makes those programs
+    identical, so all folds and methods after the first of each model reuse its compiled steps.
+    """
+    import jax
+
+    wanted = {"jax_compilation_cache_dir": str(cache_dir),
+              "jax_use_simplified_jaxpr_constants": True,
+              "jax_embedded_constants_max_bytes": 0}
+    saved = {}
+    for name, value in wanted.items():
+        if name not in jax.config.values:  # a JAX without the flag: only slower
+            log.info("JAX has no %s; each run compiles its own steps", name)
+            continue
+        saved[name] = jax.config.values[name]
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+
+
+def zoo_dir(config: ml_collections.ConfigDict) -> Path:
+    return Path(config.workdir) / ZOO_DIR
+
+
+def build_zoo(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+    """Build, resume or reuse the configured zoo in <workdir>/zoo; returns its manifest.
+
+    A finished zoo built with other settings (e.g. by an earlier version of the zoo's code) is
+    rebuilt, unless config.zoo.keep_existing: then it is used as it is, with a warning naming both
+    settings hashes (for long benchmarks whose zoo took hours; the report records the hash).
+    """
+    from adaparse_jax import zoo
+    from adaparse_jax.zoo import build as zoo_build
+
+    z = config.zoo
+    zoo_config = zoo.zoo_config(z.size, seed=z.seed, trained=z.trained)
+    manifest_path = zoo_dir(config) / "manifest.json"
+    if z.keep_existing and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        current = zoo_build.settings_hash(zoo_build.settings_of(zoo_config))
+        if manifest.get("settings_hash") != current:
+            log.warning("zoo %s was built with settings %s, the current code and config give %s; "
+                        "kept as it is (config.zoo.keep_existing)", zoo_dir(config),
+                        manifest.get("settings_hash"), current)
+        return manifest
+    return zoo.build_zoo(zoo_dir(config), zoo_config, workers=z.workers or None, progress=progress,
+                         compilation_cache=Path(config.workdir).resolve() / XLA_CACHE_DIR)
+
+
+def folds_of(config: ml_collections.ConfigDict) -> list[str]:
+    """The folds to run: config.folds, or every test split of the zoo."""
+    from adaparse_jax.data import re116
+
+    available = list(re116.load_dataset(zoo_dir(config)).test_splits)
+    folds = [str(f) for f in config.folds] or available
+    unknown = [f for f in folds if f not in available]
+    if unknown:
+        raise ValueError(f"config.folds: {unknown} are not folds of the zoo in {zoo_dir(config)} "
+                         f"(it has {available})")
+    return folds
+
+
+def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
+    """Every run of the demo, methods first, then Random G.T. (fold-major within each)."""
+    runs_dir = Path(config.workdir).resolve() / RUNS_DIR
+    runs = [Run(arch, f, None, runs_dir / f"{arch}_fold{f}")
+            for arch in config.methods for f in folds]
+    runs += [Run(arch, f, seed, runs_dir / f"{arch}_random_gt{seed}_fold{f}")
+             for arch in config.random_gt_methods for seed in config.random_gt_seeds for f in folds]
+    return runs
+
+
+def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
+    """The `train_lib` config of one run: config.train with the run's architecture, fold, labels
+    and the demo's shared zoo, cache and compilation cache."""
+    workdir = Path(config.workdir).resolve()
+    t = ml_collections.ConfigDict(config.train.to_dict())
+    t.model.arch = run.arch  # the demo width is the same for both architectures
+    t.data.dataset = str(workdir / ZOO_DIR)
+    t.data.cache = str(workdir / CACHE_DIR)
+    t.split = int(run.fold) if run.fold.isdigit() else run.fold
+    t.random_gt = run.random_gt_seed is not None
+    t.random_gt_seed = run.random_gt_seed or 0
+    t.compilation_cache = str(workdir / XLA_CACHE_DIR)
+    return t
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Timer:
+    """Wall and CPU seconds (this process and its finished children) of named phases."""
+
+    def __init__(self):
+        self.phases: dict[str, dict[str, float]] = {}
+        self._t0, self._c0 = time.perf_counter(), _cpu_seconds()
+
+    def phase(self, name: str, start: tuple[float, float]) -> None:
+        self.phases[name] = {"wall_s": time.perf_counter() - start[0], "cpu_s": _cpu_seconds() - start[1]}
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), _cpu_seconds()
+
+    def total(self) -> dict[str, float]:
+        return {"wall_s": time.perf_counter() - self._t0, "cpu_s": _cpu_seconds() - self._c0}
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:.1f} min"
+
+
+def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progress: bool = True,
+               echo: Callable[[str], None] = print) -> list[dict]:
+    """Train (or resume, or reuse) every run; returns one summary per run."""
+    from adaparse_jax import train_lib
+
+    summaries = []
+    for i, run in enumerate(runs, 1):
+        t0 = time.perf_counter()
+        tc = train_config(config, run)
+        tc.progress = progress
+        summary = train_lib.train_and_evaluate(tc, run.workdir)
+        wall = time.perf_counter() - t0
+        summaries.append({"run": run.name, "workdir": str(run.workdir), "wall_s": wall,
+                          **{k: summary.get(k) for k in ("step", "selected_step", "selection")}})
+        echo(f"[demo] {i}/{len(runs)} {run.name}: {summary['step']} steps, evaluated step "
+             f"{summary.get('selected_step')} ({wall:.0f} s)")
+    return summaries
+
+
+def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> dict:
+    """The papers' per-fold tables (`evaluation.evaluate`, first Random-G.T. seed) and the honest
+    scores of all runs (`scoring.score_runs`), with their files in `out`."""
+    from adaparse_jax import evaluation, scoring
+
+    first_seed = set(config.random_gt_seeds[:1])
+    per_fold = [r.workdir for r in runs if r.random_gt_seed is None or r.random_gt_seed in first_seed]
+    papers = evaluation.evaluate(per_fold, out)
+    report = scoring.score_runs([r.workdir for r in runs], n_resamples=config.n_resamples)
+    files = {**papers["files"], **scoring.write_report(report, out)}
+    if config.plots:
+        files["scores_plot"] = str(scoring.plot_scores(report, out / "scores.png"))
+    labels = {m["label"] for m in report["methods"]}
+    goals = {m["label"]: scoring.goal(report, m["label"]) for m in report["methods"]
+             if not m["random_gt"] and f"{scoring.RANDOM_GT_PREFIX} ({m['label']})" in labels}
+    return {"report": report, "goals": goals, "files": files}
+
+
+def run_demo(config: ml_collections.ConfigDict, *, progress: bool = True,
+             echo: Callable[[str], None] = print) -> dict:
+    """The whole demo (see the module docstring). Returns the scoring report, the goal checks,
+    the file paths and the timings (also written to <workdir>/results/demo.json)."""
+    from adaparse_jax import scoring
+
+    workdir = Path(config.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    with shared_compilation(workdir / XLA_CACHE_DIR):
+        start = timer.now()
+        echo(f"[demo] zoo: {config.zoo.size} size, seed {config.zoo.seed}, in {zoo_dir(config)}")
+        manifest = build_zoo(config, progress=progress)
+        timer.phase("zoo", start)
+        echo(f"[demo] zoo ready: {manifest['num_generators']} generators x "
+             f"{manifest['images_per_generator']} images ({_minutes(timer.phases['zoo']['wall_s'])})")
+        runs = plan(config, folds_of(config))
+        start = timer.now()
+        summaries = train_runs(config, runs, progress=progress, echo=echo)
+        timer.phase("train", start)
+        start = timer.now()
+        results = workdir / RESULTS_DIR
+        out = score(config, runs, results)
+        timer.phase("score", start)
+    out["timings"] = {"phases": timer.phases, "total": timer.total(), "runs": summaries}
+    out["config"] = config.to_dict()
+    out["zoo"] = {"directory": str(zoo_dir(config)), "settings_hash": manifest.get("settings_hash")}
+    (results / "demo.json").write_text(json.dumps(out, indent=1, default=str))
+
+    echo("")
+    echo(scoring.markdown(out["report"]))
+    for g in out["goals"].values():
+        echo(scoring.goal_markdown(g))
+        echo("")
+    t = out["timings"]["total"]
+    echo(f"[demo] total {_minutes(t['wall_s'])} wall, {_minutes(t['cpu_s'])} CPU ("
+         + ", ".join(f"{k} {_minutes(v['wall_s'])}" for k, v in timer.phases.items())
+         + f"); files in {results}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from adaparse_jax import train_lib
+
+    p = argparse.ArgumentParser(prog="python -m adaparse_jax.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default configs/demo.py)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        p.error(f"unknown arguments {bad}; overrides look like --config.workdir=runs/demo2")
+    try:
+        config = train_lib.load_config(args.config, overrides)
+    except train_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # The demo's own progress at INFO, the libraries' (Orbax, grain, absl) from WARNING up.
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logging.getLogger("adaparse_jax").setLevel(logging.INFO)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    run_demo(config, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""`make demo`: its config, its run plan, the train configs it derives, and the whole orchestration
+on a micro setting (a generated dataset standing in for the zoo, tiny RE-Net, one epoch): every
+run trained on its fold with the right labels, the printed tables equal the scoring of the runs,
+and a rerun reuses everything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from adaparse_jax import demo, models, scoring, train_lib
+from adaparse_jax.data import re116, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo.py"
+
+
+def _config(overrides=()):
+    return train_lib.load_config(CONFIG, list(overrides))
+
+
+def test_config_loads_overrides_and_is_a_narrowed_official_model():
+    c = _config(["--config.workdir=/tmp/x", "--config.train.num_epochs=2", "--config.zoo.seed=3"])
+    assert c.workdir == "/tmp/x" and c.train.num_epochs == 2 and c.zoo.seed == 3
+    train_lib.validate_config(c.train)
+    with pytest.raises(train_lib.ConfigError, match="num_epoch"):
+        _config(["--config.train.num_epoch=2"])
+    full, narrow = models.model_config("adaparse"), c.train.model
+    assert set(full) == set(narrow)  # every field of the product model, some narrowed
+    changed = {k for k in full if full[k] != narrow[k]}
+    assert changed <= {"image_size", "width", "depth", "source_block", "inject_block", "extractor_features",
+                       "fc_features", "code_dim", "hidden_dim", "parser_conv_features", "parser_fc_features"}
+    counts = models.param_counts(narrow)
+    assert sum(counts.values()) < sum(models.param_counts(full).values()) / 100
+    # Honest defaults: class weights from training generators, selection on validation generators.
+    assert c.train.class_weights == "train" and c.train.data.num_val > 0
+
+
+def test_plan_and_train_configs(tmp_path):
+    c = _config([f"--config.workdir={tmp_path}", "--config.random_gt_seeds=(0, 4)"])
+    runs = demo.plan(c, ["1", "2"])
+    assert [(r.arch, r.fold, r.random_gt_seed) for r in runs] == [
+        ("adaparse", "1", None), ("adaparse", "2", None), ("renet", "1", None), ("renet", "2", None),
+        ("adaparse", "1", 0), ("adaparse", "2", 0), ("adaparse", "1", 4), ("adaparse", "2", 4)]
+    assert len({r.workdir for r in runs}) == len(runs)
+    assert all(r.workdir.parent == tmp_path.resolve() / demo.RUNS_DIR for r in runs)
+    assert runs[6].name == "Random G.T. (AdaParse) seed 4, fold 1" and runs[2].name == "RE-Net, fold 1"
+    for run in runs:
+        t = demo.train_config(c, run)
+        train_lib.validate_config(t)
+        assert t.model.arch == run.arch and t.split == int(run.fold)
+        assert t.random_gt == (run.random_gt_seed is not None)
+        assert t.random_gt_seed == (run.random_gt_seed or 0)
+        assert t.data.dataset == str(tmp_path.resolve() / demo.ZOO_DIR)
+        assert t.data.cache == str(tmp_path.resolve() / demo.CACHE_DIR)
+        # Everything else is config.train, unchanged (both architectures at the same width).
+        for k in ("num_epochs", "batch_size", "class_weights"):
+            assert t[k] == c.train[k]
+        for k in ("optimizer", "loss"):
+            assert t[k].to_dict() == c.train[k].to_dict()
+        assert {k: v for k, v in t.model.items() if k != "arch"} == {
+            k: v for k, v in c.train.model.items() if k != "arch"}
+
+
+def test_folds_come_from_the_zoo(tmp_path):
+    synthetic.write_dataset(tmp_path / demo.ZOO_DIR, num_generators=6, images_per_generator=2,
+                            num_splits=2, test_per_split=2)
+    c = _config([f"--config.workdir={tmp_path}"])
+    assert demo.folds_of(c) == ["1", "2"]
+    c.folds = (2,)
+    assert demo.folds_of(c) == ["2"]
+    c.folds = (3,)
+    with pytest.raises(ValueError, match=r"config.folds: \['3'\] are not folds"):
+        demo.folds_of(c)
+
+
+@pytest.mark.slow
+def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
+    def fake_zoo(config, *, progress=True):  # the zoo's own tests build real zoos
+        out = demo.zoo_dir(config)
+        if not (out / "dataset.json").is_file():
+            synthetic.write_dataset(out, num_generators=8, images_per_generator=16, num_splits=2,
+                                    test_per_split=3)
+        return {"num_generators": 8, "images_per_generator": 16, "settings_hash": "synthetic"}
+
+    monkeypatch.setattr(demo, "build_zoo", fake_zoo)
+    tiny = models.model_config("renet", size="tiny")
+    c = _config([f"--config.workdir={tmp_path}", "--config.methods=('renet',)",
+                 "--config.random_gt_methods=('renet',)", "--config.n_resamples=99",
+                 "--config.train.num_epochs=1", "--config.train.data.num_val=1",
+                 "--config.train.data.eval_batch_size=16", "--config.train.log_every_steps=1"])
+    c.train.model = tiny
+    before = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_embedded_constants_max_bytes")}
+    printed = []
+    out = demo.run_demo(c, progress=False, echo=printed.append)
+    assert {k: jax.config.values[k] for k in before} == before  # global JAX settings restored
+
+    runs = demo.plan(c, ["1", "2"])
+    dataset = re116.load_dataset(tmp_path / demo.ZOO_DIR)
+    for run in runs:
+        saved = train_lib.load_saved_config(run.workdir)
+        assert saved.split == int(run.fold) and saved.random_gt == (run.random_gt_seed is not None)
+        result = json.loads(next((run.workdir / "eval").glob("test_metrics_step*.json")).read_text())
+        assert result["test_generators"] == list(dataset.test_splits[run.fold])
+        assert len(result["val_generators"]) == 1
+        assert not set(result["val_generators"]) & set(dataset.test_splits[run.fold])
+    # The printed tables are the scoring of exactly these runs.
+    text = "\n".join(printed)
+    again = scoring.score_runs([r.workdir for r in runs], n_resamples=99)
+    assert scoring.markdown(again) in text
+    assert "Random G.T. (RE-Net)" in text and scoring.BASELINE_LABEL in text
+    assert "Goal" in text and "[demo] total" in text
+    assert out["goals"]["RE-Net"]["random_gt"] == "Random G.T. (RE-Net)"
+    assert out["report"]["num_generators"] == 6  # two folds of 3 held-out generators
+    files = out["files"]
+    for key in ("tables", "scores_md", "scores_plot"):
+        assert Path(files[key]).is_file(), key
+    assert json.loads((tmp_path / demo.RESULTS_DIR / "demo.json").read_text())["zoo"]["settings_hash"] == "synthetic"
+
+    # A rerun trains nothing: same checkpoints, same metrics, same scores.
+    lines = {r.workdir: (r.workdir / train_lib.METRICS_JSONL).read_text() for r in runs}
+    out2 = demo.run_demo(c, progress=False, echo=lambda s: None)
+    assert all((r.workdir / train_lib.METRICS_JSONL).read_text() == lines[r.workdir] for r in runs)
+    assert out2["report"]["methods"] == out["report"]["methods"]
