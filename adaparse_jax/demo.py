@@ -12,10 +12,12 @@ per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import logging
+import multiprocessing
 import resource
 import sys
 import time
@@ -169,22 +171,68 @@ def _minutes(s: float) -> str:
     return f"{s / 60:.1f} min"
 
 
-def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progress: bool = True,
-               echo: Callable[[str], None] = print) -> list[dict]:
-    """Train (or resume, or reuse) every run; returns one summary per run."""
+def _train_in_worker(config_dict: dict, run: Run) -> dict:
+    """One run in a worker process (single-threaded XLA, see `train_runs`)."""
+    config = ml_collections.ConfigDict(config_dict)
+    with shared_compilation(Path(config.workdir).resolve() / XLA_CACHE_DIR):
+        return _train_one(config, run, progress=False)
+
+
+def _train_one(config: ml_collections.ConfigDict, run: Run, *, progress: bool) -> dict:
     from adaparse_jax import train_lib
 
-    summaries = []
-    for i, run in enumerate(runs, 1):
-        t0 = time.perf_counter()
-        tc = train_config(config, run)
-        tc.progress = progress
-        summary = train_lib.train_and_evaluate(tc, run.workdir)
-        wall = time.perf_counter() - t0
-        summaries.append({"run": run.name, "workdir": str(run.workdir), "wall_s": wall,
-                          **{k: summary.get(k) for k in ("step", "selected_step", "selection")}})
-        echo(f"[demo] {i}/{len(runs)} {run.name}: {summary['step']} steps, evaluated step "
-             f"{summary.get('selected_step')} ({wall:.0f} s)")
+    t0 = time.perf_counter()
+    tc = train_config(config, run)
+    tc.progress = progress
+    summary = train_lib.train_and_evaluate(tc, run.workdir)
+    return {"run": run.name, "workdir": str(run.workdir), "wall_s": time.perf_counter() - t0,
+            **{k: summary.get(k) for k in ("step", "selected_step", "selection")}}
+
+
+def _cost_order(runs: Sequence[Run]) -> list[int]:
+    """Indices of `runs`, the expensive architecture first (a shorter tail on a worker pool)."""
+    return sorted(range(len(runs)), key=lambda i: runs[i].arch != "adaparse")
+
+
+def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progress: bool = True,
+               echo: Callable[[str], None] = print) -> list[dict]:
+    """Train (or resume, or reuse) every run; returns one summary per run, in the order of `runs`.
+
+    config.workers > 1 trains that many runs at once, each in a spawned process with
+    single-threaded XLA (`zoo.build.WORKER_ENV`): on the project's 2-core CPU two such processes
+    delivered 1.4x the images per second of one process using both cores (demo AdaParse, batch 16:
+    2 x 17.0 vs 24.0 img/s). Every process shares the demo's persistent compilation cache.
+    """
+    from adaparse_jax.zoo import build as zoo_build
+
+    summaries: list[dict | None] = [None] * len(runs)
+
+    def done(i: int, summary: dict) -> None:
+        summaries[i] = summary
+        finished = sum(s is not None for s in summaries)
+        echo(f"[demo] {finished}/{len(runs)} {summary['run']}: {summary['step']} steps, evaluated "
+             f"step {summary.get('selected_step')} ({summary['wall_s']:.0f} s)")
+
+    workers = min(int(config.workers), len(runs))
+    if workers <= 1:
+        for i in range(len(runs)):
+            done(i, _train_one(config, runs[i], progress=progress))
+        return summaries
+    env = dict(zoo_build.WORKER_ENV)
+    with zoo_build.worker_environment(env), concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_in_worker, config.to_dict(), runs[i]): i for i in _cost_order(runs)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                try:
+                    done(i, future.result())
+                except Exception as e:
+                    raise RuntimeError(f"demo run {runs[i].name} ({runs[i].workdir}) failed: {e}; "
+                                       f"its log: {runs[i].workdir / 'train.log'}") from e
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # finished runs stay reusable
+            raise
     return summaries
 
 
@@ -210,7 +258,7 @@ def run_demo(config: ml_collections.ConfigDict, *, progress: bool = True,
              echo: Callable[[str], None] = print) -> dict:
     """The whole demo (see the module docstring). Returns the scoring report, the goal checks,
     the file paths and the timings (also written to <workdir>/results/demo.json)."""
-    from adaparse_jax import scoring
+    from adaparse_jax import scoring, train_lib
 
     workdir = Path(config.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +271,10 @@ def run_demo(config: ml_collections.ConfigDict, *, progress: bool = True,
         echo(f"[demo] zoo ready: {manifest['num_generators']} generators x "
              f"{manifest['images_per_generator']} images ({_minutes(timer.phases['zoo']['wall_s'])})")
         runs = plan(config, folds_of(config))
+        start = timer.now()
+        # Decode the zoo into the cache here, once, before runs (maybe in parallel) read it.
+        train_lib.setup_data(train_config(config, runs[0]), progress=progress)
+        timer.phase("prepare", start)
         start = timer.now()
         summaries = train_runs(config, runs, progress=progress, echo=echo)
         timer.phase("train", start)

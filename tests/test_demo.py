@@ -35,8 +35,11 @@ def test_config_loads_overrides_and_is_a_narrowed_official_model():
                        "fc_features", "code_dim", "hidden_dim", "parser_conv_features", "parser_fc_features"}
     counts = models.param_counts(narrow)
     assert sum(counts.values()) < sum(models.param_counts(full).values()) / 100
-    # Honest defaults: class weights from training generators, selection on validation generators.
-    assert c.train.class_weights == "train" and c.train.data.num_val > 0
+    # Honest defaults: class weights from training generators; with one epoch there is nothing to
+    # select (the last checkpoint), so no generators are spent on validation.
+    assert c.train.class_weights == "train"
+    default = _config()
+    assert default.train.num_epochs == 1 and default.train.data.num_val == 0 and default.workers == 2
 
 
 def test_plan_and_train_configs(tmp_path):

@@ -349,7 +349,7 @@ def _build_and_write(spec: schema.GeneratorSpec, config: ZooConfig, out: str, po
 
 
 @contextlib.contextmanager
-def _worker_environment(env: dict) -> Iterator[None]:
+def worker_environment(env: dict) -> Iterator[None]:
     """Set `env` while worker processes start: spawned children read it when they import JAX
     (which happens while unpickling their task, before any initializer could set it)."""
     saved = {k: os.environ.get(k) for k in env}
@@ -537,7 +537,7 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
             env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        with _worker_environment(env), concurrent.futures.ProcessPoolExecutor(
+        with worker_environment(env), concurrent.futures.ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_build_and_write, s, config, str(out), str(pools_path))
                        for s in pending]
