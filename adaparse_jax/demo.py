@@ -92,7 +92,8 @@ def build_zoo(config: ml_collections.ConfigDict, *, progress: bool = True) -> di
     from adaparse_jax.zoo import build as zoo_build
 
     z = config.zoo
-    zoo_config = zoo.zoo_config(z.size, seed=z.seed, trained=z.trained)
+    overrides = {k: int(z[k]) for k in ("generators", "images") if z.get(k)}  # 0: the size's own
+    zoo_config = zoo.zoo_config(z.size, seed=z.seed, trained=z.trained, **overrides)
     manifest_path = zoo_dir(config) / "manifest.json"
     if z.keep_existing and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -174,6 +175,7 @@ def _minutes(s: float) -> str:
 def _train_in_worker(config_dict: dict, run: Run) -> dict:
     """One run in a worker process (single-threaded XLA, see `train_runs`)."""
     config = ml_collections.ConfigDict(config_dict)
+    logging.getLogger("adaparse_jax").setLevel(logging.INFO)  # the run's train.log, as in-process
     with shared_compilation(Path(config.workdir).resolve() / XLA_CACHE_DIR):
         return _train_one(config, run, progress=False)
 
@@ -317,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The demo's own progress at INFO, the libraries' (Orbax, grain, absl) from WARNING up.
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING,
+                        force=True)
     logging.getLogger("adaparse_jax").setLevel(logging.INFO)
     from absl import logging as absl_logging
 

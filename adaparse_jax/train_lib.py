@@ -414,7 +414,7 @@ def _prepare_batch(batch: Mapping[str, jax.Array], label_table: jax.Array):
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     label_table: jax.Array, class_weights: Mapping[str, jax.Array],
                     loss_config: ml_collections.ConfigDict, fused_steps: int = 1,
-                    donate: bool = True) -> Callable:
+                    unroll: int | bool = 1, donate: bool = True) -> Callable:
     """Return the jitted `train_step(state, batch) -> (state, metrics)`.
 
     Args:
@@ -422,6 +422,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
       class_weights: name -> [K] class weights (`targets.class_weights`).
       fused_steps: K > 1 makes the step take batches with a leading [K] axis and run K optimiser
         steps in one call; metrics then have a leading [K] axis too.
+      unroll: `lax.scan`'s unroll for fused steps (True: one straight-line program). XLA:CPU runs
+        convolutions inside a loop body on a slow path (BENCHMARKS.md, "fused steps"), so on a CPU
+        fused steps only pay unrolled; the rolled loop (1, the default) compiles faster.
       donate: donate the incoming state's buffers (the caller must not reuse them).
 
     Metrics: 'train/loss/<term>' for every loss term and 'train/loss/total', 'train/grad_norm',
@@ -457,7 +460,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
         step_fn = one_step
     else:
         def step_fn(state, batches):
-            return jax.lax.scan(one_step, state, batches, length=fused_steps)
+            return jax.lax.scan(one_step, state, batches, length=fused_steps, unroll=unroll)
 
     return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
 
@@ -683,7 +686,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-def _compiled_stats(compiled) -> dict:
+def compiled_stats(compiled) -> dict:
     """Compiled memory (bytes) and FLOPs of one call, where the backend reports them."""
     out = {}
     try:
@@ -837,7 +840,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     lambda s: jax.ShapeDtypeStruct((k, *s.shape), s.dtype), batch_spec)
                 t0 = time.perf_counter()
                 compiled[k] = fn.lower(state, spec).compile()
-                stats = _compiled_stats(compiled[k])
+                stats = compiled_stats(compiled[k])
                 log.info("train step (%d optimiser step%s per call) compiled in %.1f s; memory: %s; "
                          "%s", k, "s" if k > 1 else "", time.perf_counter() - t0,
                          ", ".join(f"{f.replace('_size_in_bytes', '')} {_mib(v)}" for f, v in stats.items()

@@ -113,27 +113,24 @@ def host_batch(bench: Bench, batch: int, fused: int = 1, seed: int = 0) -> dict:
 
 def train_step_fn(bench: Bench, dtype: str, fused: int = 1, donate: bool = True,
                   unrolled: bool = False):
-    """The project's train step; `unrolled` (a benchmark-only variant) fuses K steps unrolled.
+    """The project's train step; `unrolled` fuses K steps in a scan with `unroll=K`.
 
     `make_train_step(fused_steps=K)` runs K steps in a `lax.scan` loop. XLA:CPU runs convolutions
-    inside a loop body on a much slower path than outside one, so the benchmark can also time the
-    same K single steps in a scan with `unroll=K` (one straight-line program, no loop).
+    inside a loop body on a much slower path than outside one, so the benchmark also times the
+    same K steps unrolled (one straight-line program, no loop).
     """
     kw = dict(label_table=bench.labels, class_weights=bench.class_weights,
               loss_config=bench.loss_config)
     model = bench.model(dtype)
-    if not unrolled or fused == 1:
-        return train_lib.make_train_step(model, bench.tx, fused_steps=fused, donate=donate, **kw)
-    one = train_lib.make_train_step(model, bench.tx, donate=False, **kw)
-    return jax.jit(lambda state, batches: jax.lax.scan(one, state, batches, unroll=fused),
-                   donate_argnums=(0,) if donate else ())
+    return train_lib.make_train_step(model, bench.tx, fused_steps=fused, unroll=fused if unrolled else 1,
+                                     donate=donate, **kw)
 
 
 def compile_step(bench: Bench, key: tuple, jitted, *args) -> dict:
     """Compile once per key; {'fn', 'compile_s', 'stats', 'memory'} (memory: bytes one call needs)."""
     if key not in bench.compiled:
         fn, seconds = common.compile_timed(jitted, *args)
-        stats = train_lib._compiled_stats(fn)  # noqa: SLF001 - the trainer's own reading of it
+        stats = train_lib.compiled_stats(fn)
         bench.compiled[key] = {"fn": fn, "compile_s": seconds, "stats": stats,
                                "memory": common.compiled_memory(stats)}
     return bench.compiled[key]

@@ -67,8 +67,9 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.workdir = "runs/demo"
+    # generators / images: 0 keeps the size's own counts (zoo.SIZES); others make a "custom" zoo.
     c.zoo = ml_collections.ConfigDict(dict(size="demo", seed=0, trained=True, workers=2,
-                                            keep_existing=False))
+                                            generators=0, images=0, keep_existing=False))
     c.workers = 2  # training runs at once, one single-threaded process each (demo.train_runs)
     c.methods = ("adaparse", "renet")  # trained on the true labels
     c.random_gt_methods = ("adaparse",)  # also trained on Random G.T. labels

@@ -80,10 +80,11 @@ def test_weight_decay_is_added_to_the_gradient_as_torch_adam_does():
     assert not np.allclose(np.asarray(p["w"]) - decoupled, 0, atol=1e-7)
 
 
-def test_fused_steps_equal_single_steps(setup):
+@pytest.mark.parametrize("unroll", [1, True], ids=["rolled", "unrolled"])
+def test_fused_steps_equal_single_steps(setup, unroll):
     k = 3
     s = setup
-    fused = train_lib.make_train_step(s["model"], s["tx"], fused_steps=k, **s["kw"])
+    fused = train_lib.make_train_step(s["model"], s["tx"], fused_steps=k, unroll=unroll, **s["kw"])
     batches = [{"image": jnp.roll(s["batch"]["image"], i, axis=0),
                 "generator": jnp.roll(s["batch"]["generator"], i, axis=0)} for i in range(k)]
     state, singles = s["state"], []
