@@ -20,10 +20,9 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from PIL import Image
 
 from adaparse_jax import targets
-from adaparse_jax.zoo import build, generators, photos, recipes, schema
+from adaparse_jax.zoo import build, generators, photos, probe, recipes, schema
 
 WORKERS = min(2, os.cpu_count() or 1)
 
@@ -53,10 +52,6 @@ def _files(root: Path) -> dict[str, Path]:
 
 def _tables(root: Path) -> dict[str, np.ndarray]:
     return {key: np.load(root / path) for key, path in build.DATASET_JSON["labels"].items()}
-
-
-def _load_images(root: Path, name: str) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p)) for p in sorted((root / "images" / name).glob("*.png"))])
 
 
 # ----------------------------------------------------------------------------- schema
@@ -347,7 +342,7 @@ def test_tiny_zoo_layout_and_tables(tiny_zoo):
     assert sorted(held_out) == sorted(names)
     assert json.loads((root / "dataset.json").read_text()) == build.DATASET_JSON
     for name in names:
-        images = _load_images(root, name)
+        images = probe.load_images(root, name)
         assert images.shape == (config.images, 32, 32, 3) and images.dtype == np.uint8
     assert manifest["settings"]["library_versions"]["jax"] == jax.__version__
 
@@ -456,48 +451,45 @@ def test_untrained_twin_has_the_same_labels(tiny_zoo, tmp_path_factory, compile_
     assert twin_manifest["settings_hash"] != manifest["settings_hash"]
     assert all(g["training"] is None for g in twin_manifest["generators"])
     names = [g["name"] for g in manifest["generators"]]
-    changed = [n for n in names if not np.array_equal(_load_images(root, n), _load_images(twin, n))]
+    changed = [n for n in names if not np.array_equal(probe.load_images(root, n), probe.load_images(twin, n))]
     assert len(changed) == len(names)
 
 
-def _spectral_features(u8: np.ndarray) -> np.ndarray:
-    """[N, 32, 32, 3] uint8 -> [N, F]: log amplitude spectrum of the gray high-pass residual
-    (quarter plane) and the mean residual per position modulo 2 and 4 (periodic up-sampling
-    patterns)."""
-    gray = u8.astype(np.float32).mean(-1) / 255.0
-    pad = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="reflect")
-    residual = gray - sum(pad[:, i: i + 32, j: j + 32] for i in range(3) for j in range(3)) / 9.0
-    n = len(u8)
-    spectrum = np.log(np.abs(np.fft.fft2(residual)) + 1e-4)[:, :17, :17].reshape(n, -1)
-    periodic = [np.abs(residual.reshape(n, 32 // p, p, 32 // p, p).mean((1, 3))).reshape(n, -1)
-                for p in (2, 4)]
-    return np.concatenate([spectrum, *periodic], axis=1)
-
-
 def test_upsampling_is_learnable_on_held_out_generators(tiny_zoo):
-    """Logistic regression on spectral features, trained on the other folds' generators only;
-    each held-out generator predicted once from its mean probability (generator-level F1)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """The spectral probe (logistic regression fitted on the other folds' generators only; each
+    held-out generator decided once from its mean probability) reads up-sampling on the tiny zoo."""
     root, _, _ = tiny_zoo
-    names = (root / "labels" / "models.txt").read_text().split()
-    labels = np.load(root / build.DATASET_JSON["labels"]["net"])[:, targets.BY_NAME["upsampling"].column]
-    features = {n: _spectral_features(_load_images(root, n)) for n in names}
-    folds = json.loads((root / "labels" / "splits.json").read_text())["test_splits"]
-    truth, predicted = [], []
-    for test in folds.values():
-        train = [n for n in names if n not in test]
-        x = np.concatenate([features[n] for n in train])
-        y = np.concatenate([[labels[names.index(n)]] * len(features[n]) for n in train])
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=1000)).fit(x, y)
-        for n in test:
-            truth.append(labels[names.index(n)])
-            predicted.append(clf.classes_[clf.predict_proba(features[n]).mean(0).argmax()])
-    f1 = f1_score(truth, predicted, average="macro")
-    assert f1 >= 0.75, f"generator-level up-sampling F1 {f1:.2f} on held-out generators"
+    result = probe.probe(root, ["upsampling"], n_resamples=999)["upsampling"]
+    assert result["generators"] == 24
+    assert result["f1"] >= 0.75, f"generator-level up-sampling F1 {result['f1']:.2f} on held-out generators"
+    assert result["p"] < 0.05
+
+
+def test_probe_pools_held_out_decisions_of_every_fold():
+    """Features that give the label away are read perfectly; decisions come from the other folds."""
+    rng = np.random.default_rng(0)
+    names = [f"G{i:02d}" for i in range(12)]
+    labels = {n: i % 2 for i, n in enumerate(names)}
+    features = {n: rng.normal(labels[n] * 3.0, 0.1, size=(5, 4)) for n in names}
+    folds = {"1": names[:6], "2": names[6:]}
+    truth, decided = probe.held_out_decisions(features, labels, folds)
+    assert truth == [labels[n] for n in names] and decided == truth
+    # A generator whose features say the opposite of its label is decided by its features.
+    features["G00"] = rng.normal(3.0, 0.1, size=(5, 4))
+    _, decided = probe.held_out_decisions(features, labels, folds)
+    assert decided[0] == 1
+
+
+def test_spectral_features_see_a_periodic_pattern():
+    flat = np.full((2, 32, 32, 3), 128, np.uint8)
+    checker = flat.copy()
+    checker[:, ::2, ::2] = 160  # the trace of a stride-2 transposed convolution
+    f_flat, f_checker = probe.spectral_features(flat), probe.spectral_features(checker)
+    assert f_flat.shape == f_checker.shape == (2, 17 * 17 + 4 + 16)
+    periodic = slice(17 * 17, 17 * 17 + 4)  # mean |residual| per position modulo 2
+    assert np.allclose(f_flat[:, periodic], 0) and f_checker[:, periodic].max() > 0.05
+    with pytest.raises(ValueError, match="divisible by 4"):
+        probe.spectral_features(np.zeros((1, 30, 30, 3), np.uint8))
 
 
 def test_cli_reuses_a_finished_zoo(tiny_zoo):
@@ -510,3 +502,15 @@ def test_cli_reuses_a_finished_zoo(tiny_zoo):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert manifest["settings_hash"] in done.stdout and "24 generators x 32 images" in done.stdout
+
+
+def test_cli_probe_prints_the_table_and_names_an_unknown_attribute(tiny_zoo, capsys):
+    from adaparse_jax.zoo.__main__ import main
+
+    root, _, _ = tiny_zoo
+    main(["probe", "--zoo", str(root), "--attributes", "upsampling", "--n-resamples", "99"])
+    table = capsys.readouterr().out
+    expected = probe.probe(root, ["upsampling"], n_resamples=99)["upsampling"]
+    assert f"| Up-sampling type | {expected['f1']:.3f} | {expected['p']:.4f} |" in table
+    with pytest.raises(ValueError, match="unknown attributes \\['upsampeling'\\]"):
+        main(["probe", "--zoo", str(root), "--attributes", "upsampeling"])

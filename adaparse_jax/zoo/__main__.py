@@ -1,4 +1,5 @@
-"""CLI: python -m adaparse_jax.zoo build --size tiny|demo|bench --out DIR [options]."""
+"""CLI: python -m adaparse_jax.zoo build --size tiny|demo|bench --out DIR [options]
+     python -m adaparse_jax.zoo probe --zoo DIR [--attributes a,b]   (adaparse_jax.zoo.probe)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,19 @@ def main(argv=None) -> None:
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--compilation-cache", default=None,
                    help="directory for JAX's persistent compilation cache (speeds up rebuilds)")
+    pr = sub.add_parser("probe", help="held-out spectral probe of the discrete attributes of a zoo")
+    pr.add_argument("--zoo", required=True, help="a built zoo directory")
+    pr.add_argument("--attributes", default=None,
+                    help="comma-separated discrete attributes (default: all six)")
+    pr.add_argument("--n-resamples", type=int, default=9999, help="label permutations for p-values")
     args = parser.parse_args(argv)
 
+    if args.command == "probe":
+        from adaparse_jax.zoo import probe
+
+        attributes = args.attributes.split(",") if args.attributes else None
+        print(probe.markdown(probe.probe(args.zoo, attributes, n_resamples=args.n_resamples)))
+        return
     overrides = {k: getattr(args, k) for k in ("generators", "images", "steps", "folds")
                  if getattr(args, k) is not None}
     config = zoo_config(args.size, trained=not args.untrained, seed=args.seed, **overrides)

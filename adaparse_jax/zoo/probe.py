@@ -1,0 +1,106 @@
+"""A held-out spectral probe: which discrete attributes a zoo's images carry, without a CNN.
+
+  python -m adaparse_jax.zoo probe --zoo runs/zoo_demo            # every discrete attribute
+  python -m adaparse_jax.zoo probe --zoo runs/bench/zoo --attributes upsampling,skip
+
+A reference for the parsing networks, not a competitor: features a linear model can read
+(`spectral_features`: the log amplitude spectrum of the gray high-pass residual and its mean per
+pixel position modulo 2 and 4, where up-sampling leaves periodic traces), a logistic regression
+fitted on the images of each fold's training generators, and each held-out generator decided once
+by its mean probability. The held-out decisions of all folds are pooled and scored like the
+parsing networks' (`adaparse_jax.scoring.permutation_test`: generator-level macro F1 and its
+generator-permutation p-value), so an attribute this probe reads at p < 0.01 is one the zoo makes
+learnable from single images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from adaparse_jax import scoring, targets
+
+C = 0.05  # inverse L2 strength of the logistic regression (scikit-learn's C)
+
+
+def load_images(root: str | os.PathLike, name: str) -> np.ndarray:
+    """[N, H, W, 3] uint8: the PNG images of generator `name` in a zoo directory, by file name."""
+    paths = sorted((Path(root) / "images" / name).glob("*.png"))
+    if not paths:
+        raise FileNotFoundError(f"zoo {root}: no PNG images for generator {name}")
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def spectral_features(u8: np.ndarray) -> np.ndarray:
+    """[N, S, S, 3] uint8 (S divisible by 4) -> [N, F] float: the log amplitude spectrum of the gray
+    high-pass residual (image minus its 3x3 mean; the non-redundant quarter of the plane) and the
+    mean absolute residual at each position modulo 2 and 4 (periodic up-sampling patterns)."""
+    n, size = len(u8), u8.shape[1]
+    if u8.ndim != 4 or u8.shape[2] != size or size % 4:
+        raise ValueError(f"expected [N, S, S, 3] images with S divisible by 4, got {u8.shape}")
+    gray = u8.astype(np.float32).mean(-1) / 255.0
+    pad = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+    residual = gray - sum(pad[:, i: i + size, j: j + size] for i in range(3) for j in range(3)) / 9.0
+    half = size // 2 + 1
+    spectrum = np.log(np.abs(np.fft.fft2(residual)) + 1e-4)[:, :half, :half].reshape(n, -1)
+    periodic = [np.abs(residual.reshape(n, size // p, p, size // p, p).mean((1, 3))).reshape(n, -1)
+                for p in (2, 4)]
+    return np.concatenate([spectrum, *periodic], axis=1)
+
+
+def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
+                       folds: dict[str, Sequence[str]]) -> tuple[list[int], list[int]]:
+    """(truth, decided) over every fold's held-out generators: a logistic regression fitted on the
+    images of the fold's other generators decides each held-out generator by its mean probability."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    truth, decided = [], []
+    for fold in folds.values():
+        train = [n for n in features if n not in set(fold)]
+        x = np.concatenate([features[n] for n in train])
+        y = np.concatenate([np.full(len(features[n]), labels[n]) for n in train])
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000)).fit(x, y)
+        for n in fold:
+            truth.append(labels[n])
+            decided.append(int(clf.classes_[clf.predict_proba(features[n]).mean(0).argmax()]))
+    return truth, decided
+
+
+def probe(root: str | os.PathLike, attributes: Sequence[str] | None = None, *,
+          n_resamples: int = scoring.N_RESAMPLES, seed: int = 0) -> dict[str, dict]:
+    """Per discrete attribute: held-out generator-level macro F1, its permutation p-value and the
+    null mean (the F1 these decisions get by chance), pooled over the zoo's folds."""
+    from adaparse_jax.data import load_dataset
+
+    ds = load_dataset(root)
+    known = [t.name for t in targets.DISCRETE_TARGETS]
+    attributes = list(attributes or known)
+    unknown = sorted(set(attributes) - set(known))
+    if unknown:
+        raise ValueError(f"unknown attributes {unknown}; the discrete attributes are {known}")
+    features = {n: spectral_features(load_images(root, n)) for n in ds.names}
+    out = {}
+    for name in attributes:
+        target = targets.BY_NAME[name]
+        column = ds.labels[:, targets.column_index(name)].astype(np.int64)
+        truth, decided = held_out_decisions(features, dict(zip(ds.names, column)), ds.test_splits)
+        k = target.num_classes
+        result = scoring.permutation_test(truth, np.eye(k)[decided], k, n_resamples=n_resamples,
+                                          seed=seed)
+        out[name] = dict(title=target.title, f1=result.statistic, p=result.pvalue,
+                         chance=result.null_mean, generators=len(truth))
+    return out
+
+
+def markdown(results: dict[str, dict]) -> str:
+    rows = ["| attribute | held-out macro F1 | p | chance (null mean) | generators |",
+            "|---|---:|---:|---:|---:|"]
+    rows += [f"| {r['title']} | {r['f1']:.3f} | {r['p']:.4f} | {r['chance']:.3f} | {r['generators']} |"
+             for r in results.values()]
+    return "\n".join(rows)
