@@ -411,6 +411,26 @@ def test_finished_zoo_is_reused(tiny_zoo):
     assert {k: p.stat().st_mtime_ns for k, p in _files(root).items()} == stamp
 
 
+def test_code_hash_covers_the_modules_that_make_files_and_only_those(tmp_path, monkeypatch):
+    """Every module of the zoo package is listed as a builder (hashed) or a reader (not hashed);
+    editing a reader (the CLI, the probe) keeps built zoos valid, editing a builder does not."""
+    package = Path(build.__file__).parent
+    modules = {p.name for p in package.glob("*.py")}
+    assert modules == set(build.BUILD_SOURCES) | set(build.READER_SOURCES), (
+        "a new module in adaparse_jax/zoo: add it to build.BUILD_SOURCES if it shapes a zoo's "
+        "files, else to build.READER_SOURCES")
+    assert not set(build.BUILD_SOURCES) & set(build.READER_SOURCES)
+    copy = tmp_path / "zoo"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(build, "__file__", str(copy / "build.py"))
+    original = build.code_hash()
+    (copy / "probe.py").write_text((copy / "probe.py").read_text() + "\n# an edit\n")
+    (copy / "__main__.py").write_text((copy / "__main__.py").read_text() + "\n# an edit\n")
+    assert build.code_hash() == original
+    (copy / "recipes.py").write_text((copy / "recipes.py").read_text() + "\n# an edit\n")
+    assert build.code_hash() != original
+
+
 def test_directory_rules(tmp_path):
     stranger = tmp_path / "stranger"
     stranger.mkdir()
