@@ -62,7 +62,8 @@ def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
 
     truth, decided = [], []
     for fold in folds.values():
-        train = [n for n in features if n not in set(fold)]
+        held = set(fold)
+        train = [n for n in features if n not in held]
         x = np.concatenate([features[n] for n in train])
         y = np.concatenate([np.full(len(features[n]), labels[n]) for n in train])
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000)).fit(x, y)
