@@ -30,14 +30,16 @@ def main(argv=None) -> None:
     pr.add_argument("--zoo", required=True, help="a built zoo directory")
     pr.add_argument("--attributes", default=None,
                     help="comma-separated discrete attributes (default: all six)")
-    pr.add_argument("--n-resamples", type=int, default=9999, help="label permutations for p-values")
+    pr.add_argument("--n-resamples", type=int, default=None,
+                    help="label permutations for p-values (default: scoring.N_RESAMPLES)")
     args = parser.parse_args(argv)
 
     if args.command == "probe":
         from adaparse_jax.zoo import probe
 
         attributes = args.attributes.split(",") if args.attributes else None
-        print(probe.markdown(probe.probe(args.zoo, attributes, n_resamples=args.n_resamples)))
+        options = {} if args.n_resamples is None else {"n_resamples": args.n_resamples}
+        print(probe.markdown(probe.probe(args.zoo, attributes, **options)))
         return
     overrides = {k: getattr(args, k) for k in ("generators", "images", "steps", "folds")
                  if getattr(args, k) is not None}
