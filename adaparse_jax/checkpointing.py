@@ -17,7 +17,9 @@ an asynchronous save could still be reading a buffer that the next step reuses.
 
 Restoring checks model identity before reading any array: a checkpoint written by another model
 config raises `CheckpointMismatchError` naming the differing fields, and (for checkpoints without
-that record) differing parameter shapes are listed by path.
+that record) differing parameter shapes are listed by path. Arrays are restored where the caller
+says (`restore(sharding=...)`: the first device, or replicated over a data-parallel mesh), not where
+they were saved, so a checkpoint written on 8 devices resumes or evaluates on 1 and vice versa.
 """
 
 from __future__ import annotations
@@ -177,13 +179,17 @@ class Checkpointer:
                 + "\nuse another --workdir, or the model config the checkpoint was trained with")
 
     def restore(self, abstract_state, step: int | None = None, *,
-                model_config: Mapping | None = None) -> tuple[Any, dict, dict]:
+                model_config: Mapping | None = None,
+                sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict, dict]:
         """(TrainState, loader state, meta) of checkpoint `step` (default: the latest).
 
         Args:
           abstract_state: TrainState of ShapeDtypeStructs (`train_lib.state_shapes`): the structure
             and shapes to restore into.
           model_config: the model config being built; compared with the one the checkpoint records.
+          sharding: where every array goes, e.g. `parallel.replicated(mesh)` for a data-parallel
+            run; default: the first device. (Never the devices the checkpoint was saved from, which
+            Orbax would otherwise use: a run saved on 8 devices could not be read on 1.)
         """
         if step is None:
             step = self.latest_step()
@@ -192,10 +198,14 @@ class Checkpointer:
         if step not in self.steps():
             raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}; steps: {self.steps()}")
         self.check_compatible(step, abstract_state, model_config)
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                              _abstract_tree(abstract_state))
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract_tree(abstract_state)),
+                state=ocp.args.StandardRestore(target),
                 loader=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
             ),

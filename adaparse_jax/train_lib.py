@@ -16,7 +16,8 @@ the per-call dispatch otherwise dominates on a GPU.
 2. loads the dataset and split, decodes it into the cache if needed, builds the training labels
    (optionally the Random G.T. permutation) and the class weights;
 3. restores the latest checkpoint if there is one (model identity checked), else initialises;
-4. compiles the step once, logging parameter count, compiled memory and FLOPs;
+4. replicates the state over the data-parallel mesh (`config.devices`), compiles the step once for
+   a batch sharded over it, logging parameter count, devices, compiled memory and FLOPs;
 5. trains with a progress bar; metrics of log steps are fetched one step late and written to
    `<workdir>/metrics.jsonl` (and TensorBoard when installed); every fetched loss is checked and a
    non-finite one stops the run (`NonFiniteLossError`) before anything is saved;
@@ -53,7 +54,7 @@ import optax
 
 from adaparse_jax import losses as losses_lib
 from adaparse_jax import metrics as metrics_lib
-from adaparse_jax import models, targets
+from adaparse_jax import models, parallel, targets
 from adaparse_jax.data import pipeline
 
 log = logging.getLogger("adaparse_jax.train")
@@ -68,7 +69,7 @@ CRASH_ENV = "ADAPARSE_JAX_CRASH_AFTER_STEP"
 # Fields that may change when a run resumes (they do not change what is computed).
 RESUMABLE_FIELDS = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps",
                     "keep_checkpoints", "eval_at_end", "tensorboard", "progress", "label",
-                    "compilation_cache", "data.loader", "data.workers", "data.prefetch",
+                    "compilation_cache", "devices", "data.loader", "data.workers", "data.prefetch",
                     "data.prepare", "data.prepare_workers", "data.eval_batch_size")
 
 
@@ -105,6 +106,13 @@ def default_config() -> ml_collections.ConfigDict:
         in flight to the device; data.eval_batch_size: batch of validation / test passes.
       split: the test split (RE-116: 1-4).
       batch_size, num_epochs, seed (init and shuffle), fused_steps (optimiser steps per call).
+      devices: data parallelism (`parallel`). 0 (default): every device of the default backend, what
+        a multi-GPU user of train.py expects and the same thing on a 1-device machine; n: the first
+        n. Each global batch of batch_size is split over them (batch_size must be a multiple of the
+        count) and the state is replicated; the steps compute what one device computes (BatchNorm
+        statistics of the global batch), up to float32 summation order. Validation and test
+        passes are not split (any eval_batch_size works). A run may resume on another count
+        (bit-identical resumes need the same one).
       random_gt, random_gt_seed: the papers' Random G.T. baseline (label rows of the training
         generators permuted; `random_gt_labels`).
       class_weights: 'official' (N / N_c over every generator of the dataset, test ones included:
@@ -135,6 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_epochs = 20
     c.seed = 0
     c.fused_steps = 1
+    c.devices = 0
     c.random_gt = False
     c.random_gt_seed = 0
     c.class_weights = "official"
@@ -214,6 +223,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail("data.generate", f"one of {GENERATE}")
     if not isinstance(config.data.num_val, int) or config.data.num_val < 0:
         fail("data.num_val", "an integer >= 0")
+    if not isinstance(config.devices, int) or isinstance(config.devices, bool) or config.devices < 0:
+        fail("devices", "an integer >= 0 (0: every device)")
+    data_mesh(config)  # enough devices, and batch_size splits over them
     try:
         models.build_model(config.model)  # the model's own field checks
     except ValueError as e:
@@ -222,6 +234,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         losses_lib._check_config(config.loss)
     except ValueError as e:
         raise ConfigError(f"config.loss: {e}") from e
+
+
+def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The data-parallel mesh of `config.devices` (0: every device of the default backend).
+
+    Raises ConfigError when there are fewer devices, or batch_size does not split over them.
+    """
+    available = jax.devices()
+    n = config.devices or len(available)
+    if n > len(available):
+        raise ConfigError(f"config field devices={config.devices!r}; expected at most the "
+                          f"{len(available)} {jax.default_backend()} device(s) present (0: all)")
+    mesh = parallel.data_mesh(available[:n])
+    try:
+        parallel.check_batch_size(config.batch_size, mesh)
+    except ValueError as e:
+        which = f"all {n}" if not config.devices else f"the first {n}"
+        raise ConfigError(f"{e} (config field devices={config.devices!r}: {which})") from e
+    return mesh
 
 
 def check_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -801,10 +832,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         size = config.model.image_size
         image_shape = (size, size, 3)
         B, K = config.batch_size, config.fused_steps
+        mesh = data_mesh(config)
+        # Training batches reach the step split over the mesh: grain puts each host batch there
+        # directly; the device loader keeps its records on every device (each batch is gathered
+        # from all of them), and `shard_batch` splits what it gathers.
         train_loader = pipeline.Loader(
             run.cache, split.train, batch_size=B, seed=config.seed, train=True,
             num_epochs=config.num_epochs, mode=config.data.loader, num_workers=config.data.workers,
-            prefetch=config.data.prefetch, names=run.dataset.names)
+            prefetch=config.data.prefetch, names=run.dataset.names,
+            sharding=parallel.batch_sharding(mesh) if config.data.loader == "grain"
+            else parallel.replicated(mesh))
         steps_per_epoch = len(train_loader)
         total = steps_per_epoch * config.num_epochs
         stop = min(total, config.max_steps) if config.max_steps else total
@@ -815,29 +852,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         abstract = state_shapes(model, tx, image_shape)
         model_record = config.model.to_dict()
         if ckpt.latest_step() is not None:
-            state, loader_state, meta = ckpt.restore(abstract, model_config=model_record)
+            state, loader_state, meta = ckpt.restore(abstract, model_config=model_record,
+                                                     sharding=parallel.replicated(mesh))
             train_loader.set_state(loader_state)
             writer.truncate(int(state.step))
             log.info("resumed from checkpoint step %d (epoch %d)", int(state.step), meta.get("epoch", -1))
         else:
-            state = init_state(model, tx, jax.random.key(config.seed), image_shape)
+            state = parallel.replicate(init_state(model, tx, jax.random.key(config.seed), image_shape),
+                                       mesh)
         start = int(state.step)
         n_params = param_count(state.params)
         log.info("model %s: %s parameters (%s)", config.model.arch, f"{n_params:,}",
                  ", ".join(f"{k} {param_count(v):,}" for k, v in state.params.items()))
+        n_devices = mesh.size
+        log.info("data parallel over %d %s device(s): batch %d, %d per device; state replicated "
+                 "(compiled memory and FLOPs below: per device)",
+                 n_devices, jax.default_backend(), B, B // n_devices)
 
         step_kw = dict(label_table=jnp.asarray(run.train_labels), class_weights=run.class_weights,
                        loss_config=config.loss)
-        batch_spec = {"image": jax.ShapeDtypeStruct((B, *image_shape), jnp.uint8),
-                      "generator": jax.ShapeDtypeStruct((B,), jnp.int32)}
+        batch_spec = {"image": ((B, *image_shape), jnp.uint8), "generator": ((B,), jnp.int32)}
         compiled: dict[int, Callable] = {}
 
         def step_fn(k: int) -> Callable:
             # Compiled once per call length before use (K, and 1 for an epoch's remainder).
             if k not in compiled:
                 fn = make_train_step(model, tx, fused_steps=k, **step_kw)
-                spec = batch_spec if k == 1 else jax.tree.map(
-                    lambda s: jax.ShapeDtypeStruct((k, *s.shape), s.dtype), batch_spec)
+                sharding = parallel.batch_sharding(mesh, fused_steps=k)
+                spec = {name: jax.ShapeDtypeStruct(shape if k == 1 else (k, *shape), dtype,
+                                                   sharding=sharding)
+                        for name, (shape, dtype) in batch_spec.items()}
                 t0 = time.perf_counter()
                 compiled[k] = fn.lower(state, spec).compile()
                 stats = compiled_stats(compiled[k])
@@ -848,6 +892,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                          f"{stats['flops'] / 1e9:.1f} GFLOP per call" if "flops" in stats else "")
             return compiled[k]
 
+        # Evaluation is not split over the mesh: jit runs the replicated state on unsplit batches as
+        # they are, so any eval_batch_size and a short last batch work; it is a small share of a run.
         eval_step = make_eval_step(model)
         if split.val:
             val_loader = pipeline.Loader(run.cache, split.val, batch_size=config.data.eval_batch_size,
@@ -930,11 +976,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             k = min(K, epoch_end - step, stop - step)
             if k == K:
                 batch = _batches(train_loader, k)
-                state, m = step_fn(k)(state, batch[0] if k == 1 else _stack(batch))
+                batch = parallel.shard_batch(batch[0] if k == 1 else _stack(batch), mesh, fused_steps=k)
+                state, m = step_fn(k)(state, batch)
                 pending.append((prev + k, k, m))
             else:  # an epoch's (or max_steps') remainder: single steps
                 for i, b in enumerate(_batches(train_loader, k)):
-                    state, m = step_fn(1)(state, b)
+                    state, m = step_fn(1)(state, parallel.shard_batch(b, mesh))
                     pending.append((prev + i + 1, 1, m))
             step = prev + k
             bar.update(k)

@@ -10,6 +10,13 @@ BatchNorm statistics, optimiser state, every loss term of every step and the eva
 GSPMD sums the batch in another order (per device, then across devices), so the runs agree to
 float32 rounding (~1e-6 relative), not bit for bit. Per-device BatchNorm statistics (2 images
 instead of 16) would differ at the first step by far more than that.
+
+A second child runs `train_lib.train_and_evaluate` (what train.py calls) on the tiny runs' dataset
+(`train_runs.write_tiny_dataset`, tiny RE-Net, 4 steps of batch 16) with `config.devices` = 1 and
+then the default (all 8: the device-resident loader and 2 fused steps per call, stopped by
+max_steps at step 2 and resumed from its checkpoint with the grain loader), validating with
+batches of 12 (and a last one of 8) that do not split over 8 devices; and tries configs whose
+batch does not split.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import pytest
 DEVICES = 8
 BATCH = 16
 K = 2
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
@@ -120,18 +128,63 @@ def _child(out: str) -> None:
     (Path(out) / "facts.json").write_text(json.dumps(facts))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel")
+def _train_child(out: str) -> None:
+    """Runs in the 8-device process: train_and_evaluate on 1 device, then on all 8."""
+    import logging
+
+    from train_runs import CONFIG, write_tiny_dataset
+
+    from adaparse_jax import train_lib
+
+    logging.getLogger("adaparse_jax").setLevel(logging.INFO)  # train.log as under train.py
+    out = Path(out)
+    ds_path = write_tiny_dataset(out)
+    # 8 generators: 2 test, 2 validation (32 images: eval batches of 12, 12 and 8), 4 training
+    # ones (64 images: 4 steps of 16 per epoch). The official learning rate, not tiny's 1e-3: Adam
+    # turns the rounding noise of gradients that are zero in exact arithmetic into +-lr steps.
+    common = [f"--config.data.dataset={ds_path.parent}", f"--config.data.cache={out / 'cache'}",
+              "--config.progress=False", "--config.tensorboard=False", "--config.num_epochs=1",
+              "--config.log_every_steps=1", "--config.data.num_val=2", "--config.data.eval_batch_size=12",
+              "--config.optimizer.learning_rate=1e-4"]
+
+    def train(workdir: str, *overrides: str) -> dict:
+        config = train_lib.load_config(CONFIG, [*common, *overrides])
+        return train_lib.train_and_evaluate(config, out / workdir)
+
+    errors = {}
+    for name, overrides in (("batch_12", ["--config.batch_size=12"]),
+                            ("devices_3", ["--config.devices=3"]),
+                            ("devices_9", ["--config.devices=9"])):
+        try:
+            train(name, *overrides)
+        except ValueError as e:
+            errors[name] = {"type": type(e).__name__, "message": str(e),
+                            "workdir_made": (out / name).exists()}
+    train("one", "--config.devices=1", "--config.eval_at_end=False")
+    train("all", "--config.data.loader=device", "--config.fused_steps=2", "--config.max_steps=2")
+    train("all", "--config.data.loader=grain", "--config.fused_steps=2", "--config.devices=8")
+    (out / "errors.json").write_text(json.dumps(errors))
+
+
+def _run_child(kind: str, out: Path) -> None:
+    """Run `_child` or `_train_child` in a process whose CPU backend has DEVICES devices."""
     env = dict(os.environ)
     flag = f"--xla_force_host_platform_device_count={DEVICES}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     env["JAX_PLATFORMS"] = "cpu"
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    # Identical programs (the two halves of the resumed run) are compiled once.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(out / "xla")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, kind, str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"child process failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    _run_child("steps", out)
     with np.load(out / "runs.npz") as f:
         arrays = dict(f)
     return arrays, json.loads((out / "facts.json").read_text())
@@ -182,5 +235,112 @@ def test_sharded_run_equals_single_device_run(runs):
         np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, err_msg=name)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_train")
+    _run_child("train", out)
+    return out
+
+
+def _metrics(workdir: Path, prefix: str) -> dict[int, dict[str, float]]:
+    """{step: {name: value}} of a run's metrics named `prefix`..."""
+    from adaparse_jax import train_lib
+
+    out: dict[int, dict[str, float]] = {}
+    for record in train_lib.read_metrics(workdir):
+        out.setdefault(record["step"], {}).update(
+            {k: v for k, v in record.items() if k.startswith(prefix)})
+    return {step: values for step, values in out.items() if values}
+
+
+def _temp_mib(workdir: Path) -> list[float]:
+    """Compiled temporary memory of the train step, from each compile line of train.log."""
+    import re
+
+    return [float(m) for m in re.findall(r"compiled in .*temp ([0-9.]+) MiB",
+                                         (workdir / "train.log").read_text())]
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_on_8_devices_gives_the_1_device_losses(trained):
+    one, all8 = _metrics(trained / "one", "train/loss/"), _metrics(trained / "all", "train/loss/")
+    assert sorted(one) == sorted(all8) == [1, 2, 3, 4]
+    for step, terms in one.items():
+        assert terms.keys() == all8[step].keys() and len(terms) > 20
+        for name, value in terms.items():
+            np.testing.assert_allclose(all8[step][name], value, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"step {step} {name}")
+    # Validation on the replicated state, with batches that do not split over the devices.
+    val_one, val_all = _metrics(trained / "one", "val/l1/"), _metrics(trained / "all", "val/l1/")
+    assert list(val_one) == list(val_all) == [4] and len(val_one[4]) == 11  # 9 targets, mean, std
+    for name, value in val_one[4].items():
+        np.testing.assert_allclose(val_all[4][name], value, rtol=1e-4, err_msg=name)
+    log = (trained / "all" / "train.log").read_text()
+    assert log.count("data parallel over 8 cpu device(s): batch 16, 2 per device") == 2
+    assert "resumed from checkpoint step 2" in log
+    assert "data parallel over 1 cpu device(s): batch 16, 16 per device" in (
+        trained / "one" / "train.log").read_text()
+    # The batch really is split: each device's compiled step holds a fraction of the activations.
+    (temp_one,), temp_all = _temp_mib(trained / "one"), _temp_mib(trained / "all")
+    assert len(temp_all) == 2 and max(temp_all) < temp_one / 2, (temp_one, temp_all)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_the_8_device_run_restores_on_one_device(trained):
+    import jax
+
+    from adaparse_jax import checkpointing, models, train_lib
+
+    states = {}
+    for name in ("one", "all"):
+        config = train_lib.load_saved_config(trained / name)
+        abstract = train_lib.state_shapes(models.build_model(config.model),
+                                          train_lib.make_optimizer(config), (32, 32, 3))
+        with checkpointing.Checkpointer(trained / name / "checkpoints") as ckpt:
+            states[name], loader_state, _ = ckpt.restore(abstract, 4, model_config=config.model.to_dict())
+        assert (loader_state["epoch"], loader_state["step"]) == (1, 0)
+    leaves = jax.tree_util.tree_leaves(states["all"])
+    assert all(x.sharding.device_set == {jax.devices()[0]} for x in leaves)
+    assert int(states["all"].step) == 4
+    one, all8 = (_flat(states[n].params, "params") for n in ("one", "all"))
+    assert one.keys() == all8.keys()
+    for name, a in one.items():
+        # The gradient of a conv bias in front of a BatchNorm is zero but for rounding, and Adam
+        # turns that noise into steps of +-lr: the runs may differ there by 2 * lr * 4 steps.
+        in_front_of_bn = name.startswith("params['fen']['block") and name.endswith("['conv']['bias']")
+        np.testing.assert_allclose(all8[name], a, rtol=1e-3, atol=8e-4 if in_front_of_bn else 1e-5,
+                                   err_msg=name)
+    # train_and_evaluate's final test pass restored it on one device too.
+    result = json.loads((trained / "all" / "eval" / "test_metrics_step4.json").read_text())
+    assert result["step"] == 4 and np.isfinite(result["metrics"]["l1/continuous_mean"])
+
+
+@pytest.mark.slow
+def test_batch_size_that_does_not_split_over_the_devices_is_a_config_error(trained):
+    errors = json.loads((trained / "errors.json").read_text())
+    assert errors["batch_12"]["message"].startswith(
+        "batch_size=12 does not split over 8 devices; use a multiple of 8 (config field batch_size)")
+    assert "devices=0: all 8" in errors["batch_12"]["message"]
+    assert errors["devices_3"]["message"].startswith("batch_size=16 does not split over 3 devices")
+    assert "devices=3: the first 3" in errors["devices_3"]["message"]
+    assert errors["devices_9"]["message"].startswith("config field devices=9; expected at most the 8 cpu")
+    for e in errors.values():
+        assert e["type"] == "ConfigError" and not e["workdir_made"]  # refused before anything is written
+
+
+def test_more_devices_than_present_is_a_config_error():
+    import jax
+
+    from adaparse_jax import train_lib
+
+    config = train_lib.default_config()
+    config.devices = len(jax.devices()) + 1
+    with pytest.raises(train_lib.ConfigError, match=rf"devices={config.devices}; expected at most"):
+        train_lib.validate_config(config)
+    config.devices = 0
+    train_lib.validate_config(config)
+    assert train_lib.data_mesh(config).size == len(jax.devices())
+
+
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    {"steps": _child, "train": _train_child}[sys.argv[1]](sys.argv[2])

@@ -71,6 +71,7 @@ def test_unknown_fields_are_errors_that_list_the_valid_ones():
     ("class_weights", "test", "class_weights='test'; expected one of"),
     ("data.loader", "gpu", "data.loader='gpu'; expected one of"),
     ("batch_size", 0, "batch_size=0; expected a positive integer"),
+    ("devices", -1, "devices=-1; expected an integer >= 0"),
     ("selection_mode", "best", "selection_mode='best'"),
     ("model.fusion", "mul", "config.model: config field fusion='mul'"),
 ])

@@ -38,16 +38,22 @@ def train(args: list[str], env: dict, check: bool = True) -> subprocess.Complete
     return done
 
 
-def tiny_runs(tmp_path_factory) -> dict:
-    global _RUNS
-    if _RUNS is not None:
-        return _RUNS
-    root = tmp_path_factory.mktemp("tiny_runs")
+def write_tiny_dataset(root: Path) -> Path:
+    """The tiny runs' dataset in `root`/dataset, decoded into `root`/cache; its dataset.json path."""
     ds_path = synthetic.write_dataset(root / "dataset", num_generators=8, images_per_generator=16,
                                       num_splits=2, test_per_split=2)
     dataset = re116.load_dataset(ds_path)
     cache_lib.prepare_dataset(dataset, root / "cache", settings=cache_lib.PrepareSettings(size=32),
                               workers=1, progress=False)
+    return ds_path
+
+
+def tiny_runs(tmp_path_factory) -> dict:
+    global _RUNS
+    if _RUNS is not None:
+        return _RUNS
+    root = tmp_path_factory.mktemp("tiny_runs")
+    ds_path = write_tiny_dataset(root)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
     env.pop(train_lib.CRASH_ENV, None)
