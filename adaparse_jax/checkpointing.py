@@ -220,7 +220,7 @@ class Checkpointer:
         """(TrainState, loader state, meta) of checkpoint `step` (default: the latest).
 
         Args:
-          abstract_state: TrainState of ShapeDtypeStructs (`train_lib.state_shapes`): the structure
+          abstract_state: TrainState of ShapeDtypeStructs (`training.state_shapes`): the structure
             and shapes to restore into.
           model_config: the model config being built; compared with the one the checkpoint records.
           sharding: where every array goes, e.g. `parallel.replicated(mesh)` for a data-parallel

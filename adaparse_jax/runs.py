@@ -30,8 +30,8 @@ import ml_collections
 import numpy as np
 
 from adaparse_jax import checkpointing, models, targets
-from adaparse_jax import train_lib as train_state
-from adaparse_jax.train_lib import load_saved_config, run_label
+from adaparse_jax.train import state as train_state
+from adaparse_jax.train.config import load_saved_config, run_label
 
 __all__ = ["Run", "RunSpec", "load", "load_saved_config", "run_label"]
 

@@ -37,7 +37,7 @@ moves a macro F1 by 0.05-0.2), so the score is built to say how sure it is:
    fold's training generators (train + validation, true labels), `metrics.mean_mode_baseline`.
 
 `score_runs(workdirs)` reads runs (each `evaluation.evaluate_run`, which reuses saved test
-predictions), groups them into methods (the run label, `train_lib.run_label`) and replicates (one
+predictions), groups them into methods (the run label, `training.run_label`) and replicates (one
 per `random_gt_seed` of a Random G.T. method, one per training `seed` otherwise), pools each
 replicate's folds and scores it; `goal(report)` checks the issue's bench-zoo criterion;
 `markdown(report)` lays out the three tables (loss flags with the coarse groups, discrete
@@ -247,7 +247,8 @@ def score_held_out(held: HeldOut, *, n_resamples: int = N_RESAMPLES, seed: int =
     preds, gens = held.predictions, held.generators
     gen_rows, ids = metrics_lib.generator_label_rows(held.label_rows, gens)
     agg, agg_ids = metrics_lib.aggregate_by_generator(preds, gens, num_images=None)
-    assert np.array_equal(ids, agg_ids)
+    if not np.array_equal(ids, agg_ids):  # an internal invariant, kept under python -O
+        raise RuntimeError(f"per-generator aggregation returned generators {agg_ids}, expected {ids}")
     gen_labels = targets.split_labels(gen_rows)
     img_labels = targets.split_labels(held.label_rows)
     out: dict = {"num_generators": int(len(ids)), "num_images": int(len(gens)), "targets": {}}
@@ -293,11 +294,11 @@ def score_held_out(held: HeldOut, *, n_resamples: int = N_RESAMPLES, seed: int =
 
 
 def _run_info(workdir: Path) -> dict:
-    from adaparse_jax import train_lib
+    from adaparse_jax import train as training
 
-    config = train_lib.load_saved_config(workdir)
+    config = training.load_saved_config(workdir)
     random_gt = bool(config.random_gt)
-    return {"label": train_lib.run_label(config), "random_gt": random_gt,
+    return {"label": training.run_label(config), "random_gt": random_gt,
             "replicate": int(config.random_gt_seed if random_gt else config.seed)}
 
 
@@ -316,7 +317,10 @@ def mean_predictor(dataset, runs: Sequence[Mapping]) -> HeldOut:
         base = metrics_lib.mean_mode_baseline(
             dataset.labels[dataset.rows(list(r["train_generators"]) + list(r["val_generators"]))],
             len(gens))
-        assert set(np.unique(gens).tolist()) <= set(rows.tolist())
+        outside = sorted(set(np.unique(gens).tolist()) - set(rows.tolist()))
+        if outside:
+            raise ValueError(f"{r['predictions']}: predictions of generators {outside}, which are not "
+                             f"test generators of split {r['split']}")
         parts.append((r["split"], {**base, "generator": gens, "label_rows": dataset.labels[gens]}))
     return pool(parts, [r["workdir"] for r in runs])
 
@@ -357,7 +361,8 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
     'n_resamples', 'seed', 'methods': [...], 'baseline': {...}}; each method holds its label, its
     replicates (key, workdirs, scores) and the summary over replicates.
     """
-    from adaparse_jax import evaluation, train_lib
+    from adaparse_jax import evaluation
+    from adaparse_jax import train as training
     from adaparse_jax.data import re116
 
     dirs = evaluation.expand_workdirs(workdirs)
@@ -367,7 +372,7 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
         result = evaluation.evaluate_run(d)
         groups.setdefault(info["label"], {}).setdefault(info["replicate"], []).append(result)
     first = next(iter(next(iter(groups.values())).values()))[0]
-    config = train_lib.load_saved_config(first["workdir"])
+    config = training.load_saved_config(first["workdir"])
     dataset = re116.load_dataset(config.data.dataset) if config.data.dataset else re116.load_dataset(
         images=config.data.images, labels=config.data.labels, variant=config.data.variant)
     covered = None

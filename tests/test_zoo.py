@@ -534,3 +534,12 @@ def test_cli_probe_prints_the_table_and_names_an_unknown_attribute(tiny_zoo, cap
     assert f"| Up-sampling type | {expected['f1']:.3f} | {expected['p']:.4f} |" in table
     with pytest.raises(ValueError, match="unknown attributes \\['upsampeling'\\]"):
         main(["probe", "--zoo", str(root), "--attributes", "upsampeling"])
+
+
+def test_settings_hash_covers_targets_py(tmp_path, monkeypatch):
+    """targets.py writes the zoo's label columns and groups: changing it must rebuild a zoo."""
+    before = build.code_hash()
+    changed = tmp_path / "targets.py"
+    changed.write_text(Path(targets.__file__).read_text() + "\n# another label column\n")
+    monkeypatch.setattr(targets, "__file__", str(changed))
+    assert build.code_hash() != before

@@ -146,11 +146,12 @@ READER_SOURCES = ("__init__.py", "__main__.py", "probe.py")
 
 
 def code_hash() -> str:
-    """Hash of the modules that make the files (`BUILD_SOURCES`): a zoo made by other code is
-    rebuilt, not reused."""
+    """Hash of the modules that make the files (`BUILD_SOURCES`, and `targets.py`, which writes
+    the label columns and groups): a zoo made by other code is rebuilt, not reused."""
     digest = hashlib.sha256()
     for name in BUILD_SOURCES:
         digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    digest.update(b"targets.py\0" + Path(targets.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 
