@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ml_collections
 
-from adaparse_jax import demo_config, evaluation, scoring, zoo
+from adaparse_jax import demo_config, evaluation, reporting, scoring, zoo
 from adaparse_jax import train as training
 from adaparse_jax.data import re116
 from adaparse_jax.zoo import build as zoo_build
@@ -213,9 +213,9 @@ def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> 
     per_fold = [r.workdir for r in runs if r.random_gt_seed is None or r.random_gt_seed in first_seed]
     papers = evaluation.evaluate(per_fold, out)
     report = scoring.score_runs([r.workdir for r in runs], n_resamples=config.n_resamples)
-    files = {**papers["files"], **scoring.write_report(report, out)}
+    files = {**papers["files"], **reporting.write_scores(report, out)}
     if config.plots:
-        files["scores_plot"] = str(scoring.plot_scores(report, out / "scores.png"))
+        files["scores_plot"] = str(reporting.plot_scores(report, out / "scores.png"))
     labels = {m["label"] for m in report["methods"]}
     goals = {m["label"]: scoring.goal(report, m["label"]) for m in report["methods"]
              if not m["random_gt"] and f"{scoring.RANDOM_GT_PREFIX} ({m['label']})" in labels}
@@ -253,9 +253,9 @@ def run_demo(config: ml_collections.ConfigDict, *, progress: bool = True,
     (results / "demo.json").write_text(json.dumps(out, indent=1, default=str))
 
     echo("")
-    echo(scoring.markdown(out["report"]))
+    echo(reporting.scores_markdown(out["report"]))
     for g in out["goals"].values():
-        echo(scoring.goal_markdown(g))
+        echo(reporting.goal_markdown(g))
         echo("")
     t = out["timings"]["total"]
     echo(f"[demo] total {_minutes(t['wall_s'])} wall, {_minutes(t['cpu_s'])} CPU ("
@@ -268,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m adaparse_jax.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: adaparse_jax/demo_config.py, = configs/demo.py)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="config file (default: adaparse_jax/demo_config.py, = configs/demo.py)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]

@@ -28,7 +28,6 @@ permuted).
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,13 +38,12 @@ from sklearn.metrics import confusion_matrix
 from adaparse_jax import atomic, checkpointing, reporting, runs, targets
 from adaparse_jax import metrics as metrics_lib
 from adaparse_jax.data import pipeline
-from adaparse_jax.runs import load_saved_config, run_label
+from adaparse_jax.runs import BASELINE_LABEL, load_saved_config, method_rank, run_label
 from adaparse_jax.train.data import load_split, setup_data
 from adaparse_jax.train.state import predict_batches
 
 EVAL_DIR = "eval"
 DEFAULT_IMAGES_PER_GENERATOR = metrics_lib.DEFAULT_IMAGES_PER_GENERATOR
-BASELINE_LABEL = "Mean/mode baseline"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,14 +203,6 @@ def _sum_confusion(items: Sequence[Mapping[str, list]]) -> dict:
     return {name: np.sum([np.asarray(c[name]) for c in items], axis=0).tolist() for name in items[0]}
 
 
-_METHOD_ORDER = ("AdaParse", "RE-Net", "Random G.T. (AdaParse)", "Random G.T. (RE-Net)")
-
-
-def _method_rank(label: str) -> int:
-    """The papers' row order first (AdaParse, RE-Net, Random G.T.), other labels after, as given."""
-    return _METHOD_ORDER.index(label) if label in _METHOD_ORDER else len(_METHOD_ORDER)
-
-
 def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
              images_per_generator: Sequence[int | None] = DEFAULT_IMAGES_PER_GENERATOR,
              seed: int = 0, reuse: bool = True) -> dict:
@@ -252,7 +242,7 @@ def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
         return f"{r['dataset']}/{r['split']}" if several else r["split"]
 
     report_methods = []
-    for m in sorted(methods.values(), key=lambda m: _method_rank(m["label"])):
+    for m in sorted(methods.values(), key=lambda m: method_rank(m["label"])):
         per_split = {split_key(r): r["metrics"] for r in m["runs"]}
         mean, std = _aggregate(per_split)
         report_methods.append({

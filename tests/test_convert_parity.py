@@ -12,7 +12,6 @@ from conftest import skip_or_fail
 
 from adaparse_jax import convert, models, parity, targets
 
-
 # ------------------------------------------------------------------------------------------------
 # Layouts, checked against NumPy versions of the torch operations.
 

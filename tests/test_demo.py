@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from adaparse_jax import demo, models, scoring
+from adaparse_jax import demo, models, reporting, scoring
 from adaparse_jax import train as training
 from adaparse_jax.data import re116, synthetic
 
@@ -114,7 +114,7 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     # The printed tables are the scoring of exactly these runs.
     text = "\n".join(printed)
     again = scoring.score_runs([r.workdir for r in runs], n_resamples=99)
-    assert scoring.markdown(again) in text
+    assert reporting.scores_markdown(again) in text
     assert "Random G.T. (RE-Net)" in text and scoring.BASELINE_LABEL in text
     assert "Goal" in text and "[demo] total" in text
     assert out["goals"]["RE-Net"]["random_gt"] == "Random G.T. (RE-Net)"

@@ -297,13 +297,13 @@ def test_photographs_load_offline_and_regions_are_disjoint(monkeypatch):
     photos.photo_views.cache_clear()
     views = photos.photo_views()
     assert {name for name, _, _ in views} == set(photos.PHOTOGRAPHS)
-    for name, _, view in views:
+    for _name, _, view in views:
         assert view.dtype == np.float32 and view.shape[2] == 3 and 0 <= view.min() <= view.max() <= 1
         train, sample = photos.region_bounds(view.shape[1], "train"), photos.region_bounds(view.shape[1], "sample")
         assert train[1] == sample[0] and train[1] - train[0] >= 32 and sample[1] - sample[0] >= 32
     positions = photos.crop_positions(500, "sample", seed=0)
     widths = {(n, s): v.shape[1] for n, s, v in views}
-    for name, scale, y, x, _ in positions:
+    for name, scale, _y, x, _ in positions:
         start, stop = photos.region_bounds(widths[(name, scale)], "sample")
         assert start <= x and x + 32 <= stop
     a = photos.crop_pool(64, "train", seed=1)

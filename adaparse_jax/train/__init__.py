@@ -9,14 +9,35 @@ The names below are the package's public API, re-exported from its modules.
 """
 
 from adaparse_jax.train.config import (
-    CONFIG_JSON, GENERATE, ConfigError, check_and_save_config, check_overrides, data_mesh, default_config,
-    fused_unroll, load_config, load_saved_config, run_label, validate_config,
+    CONFIG_JSON,
+    GENERATE,
+    ConfigError,
+    check_and_save_config,
+    check_overrides,
+    data_mesh,
+    default_config,
+    fused_unroll,
+    load_config,
+    load_saved_config,
+    run_label,
+    validate_config,
 )
 from adaparse_jax.train.data import RunData, random_gt_labels, resolve_paths, setup_data
 from adaparse_jax.train.loop import NonFiniteLossError, Trainer, compiled_stats, train
 from adaparse_jax.train.state import (
-    TrainState, apply_model, check_images, decisions, init_state, learning_rate, make_eval_step,
-    make_optimizer, make_train_step, param_count, predict_batches, selection_score, state_shapes,
+    TrainState,
+    apply_model,
+    check_images,
+    decisions,
+    init_state,
+    learning_rate,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    param_count,
+    predict_batches,
+    selection_score,
+    state_shapes,
     variables_of,
 )
 from adaparse_jax.train.writer import METRICS_JSONL, MetricsWriter, read_metrics

@@ -18,10 +18,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from adaparse_jax import atomic
+from adaparse_jax import atomic, models, parallel
 from adaparse_jax import losses as losses_lib
 from adaparse_jax import metrics as metrics_lib
-from adaparse_jax import models, parallel
 from adaparse_jax.data import pipeline
 
 CLASS_WEIGHTS = ("official", "train")

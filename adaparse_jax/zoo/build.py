@@ -508,7 +508,6 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig, workers: int | None
         workers: a rebuild (another seed, the untrained twin's BatchNorm-free samplers, a resumed
         build) then skips compiles already done. Not part of the settings: it changes no file.
     """
-    from adaparse_jax.zoo import recipes
 
     out = Path(out_dir)
     with _exclusive(out):
