@@ -34,6 +34,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from adaparse_jax import atomic
+
 CHECKPOINTS = "checkpoints"
 SELECTION = "selection.json"
 SELECTION_KEY = "selection"  # the metric name under which a checkpoint's validation score is saved
@@ -268,10 +270,7 @@ class Checkpointer:
 
 def write_selection(workdir: str | Path, record: Mapping) -> None:
     """Atomically write `<workdir>/selection.json` (the validation history and the best step)."""
-    path = Path(workdir) / SELECTION
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(record), indent=1))
-    tmp.replace(path)
+    atomic.write_json(Path(workdir) / SELECTION, dict(record))
 
 
 def read_selection(workdir: str | Path) -> dict | None:

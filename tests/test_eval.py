@@ -213,3 +213,16 @@ def test_runs_of_two_datasets_keep_both_splits(monkeypatch):
     assert method["per_split"] == {"zoo_a/1": {"f1/flags_mean": 0.2}, "zoo_b/1": {"f1/flags_mean": 0.6}}
     assert method["mean"]["f1/flags_mean"] == pytest.approx(0.4)
     assert sorted(report["baseline"]["per_split"]) == ["zoo_a/1", "zoo_b/1"]
+
+
+def test_eval_flags_use_hyphens_and_keep_the_underscore_spellings():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import eval as eval_cli
+    finally:
+        sys.path.remove(str(ROOT))
+    base = ["--workdir", "runs/a", "--out", "r"]
+    hyphen = eval_cli.parser().parse_args(base + ["--images-per-generator", "1,all", "--no-reuse"])
+    underscore = eval_cli.parser().parse_args(base + ["--images_per_generator", "1,all", "--no_reuse"])
+    assert vars(hyphen) == vars(underscore)
+    assert hyphen.images_per_generator == [1, None] and hyphen.no_reuse is True

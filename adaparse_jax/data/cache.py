@@ -44,6 +44,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from adaparse_jax import atomic
 from adaparse_jax.data import re116
 
 FORMAT_VERSION = 1
@@ -147,13 +148,6 @@ def _files_record(files: Iterable[re116.SourceFile]) -> list[list]:
     return [[f.path, f.size, f.mtime_ns] for f in files]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _run_shard(task: _ShardTask) -> dict:
     """Decode one shard and write its .npy, then its .json (the completion mark)."""
     root = Path(task.root)
@@ -168,7 +162,7 @@ def _run_shard(task: _ShardTask) -> dict:
             modes[mode] += 1
     array = np.stack(images) if images else np.zeros((0, task.size, task.size, 3), np.uint8)
     out = Path(task.out_dir)
-    _write_atomic(out / f"{task.key}.npy", lambda f: np.save(f, array))
+    atomic.write(out / f"{task.key}.npy", lambda f: np.save(f, array))
     meta = {
         "key": task.key,
         "row": task.row,
@@ -180,7 +174,7 @@ def _run_shard(task: _ShardTask) -> dict:
         "skipped": skipped,
         "modes": dict(sorted(modes.items())),
     }
-    _write_atomic(out / f"{task.key}.json", lambda f: f.write(json.dumps(meta).encode()))
+    atomic.write_text(out / f"{task.key}.json", json.dumps(meta))
     return meta
 
 
@@ -397,12 +391,12 @@ def _prepare(
     shard_dir = out / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until every shard is written
-    _write_atomic(out / SETTINGS, lambda f: f.write(json.dumps(settings_dict, indent=1).encode()))
+    atomic.write_json(out / SETTINGS, settings_dict)
     tasks = _plan(tree_files, root, shard_dir, settings)
     workers = (os.cpu_count() or 1) if workers is None else workers
     metas, ran = _execute(tasks, shard_dir, workers, progress)
     manifest = _manifest(settings_dict, metas, time.perf_counter() - start, ran)
-    _write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    atomic.write_json(out / MANIFEST, manifest)
     return manifest
 
 

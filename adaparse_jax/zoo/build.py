@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaparse_jax import targets
+from adaparse_jax import atomic, targets
 from adaparse_jax.zoo import photos, schema
 
 ZOO_FORMAT = "adaparse-jax synthetic zoo v1"
@@ -341,9 +341,7 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    tmp.rename(path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def _build_and_write(spec: schema.GeneratorSpec, config: ZooConfig, out: str, pools_path: str) -> dict:
@@ -532,10 +530,9 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
     if pending:
         pools_path = build / "crops.npz"
         if not pools_path.is_file():
-            tmp = build / "crops.tmp.npz"
-            np.savez(tmp, train=photos.crop_pool(config.train_crops, "train", config.seed),
-                     sample=photos.crop_pool(config.sample_crops, "sample", config.seed))
-            tmp.rename(pools_path)
+            pools = dict(train=photos.crop_pool(config.train_crops, "train", config.seed),
+                         sample=photos.crop_pool(config.sample_crops, "sample", config.seed))
+            atomic.write(pools_path, lambda f: np.savez(f, **pools))
         workers = max(1, min(workers or os.cpu_count() or 1, len(pending)))
         from tqdm.auto import tqdm
 
