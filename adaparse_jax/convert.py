@@ -335,14 +335,15 @@ def load_official_checkpoint(path: str | Path, arch: str = "adaparse",
     Needs torch (`pip install -e .[torch]`), imported only here.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"official checkpoint {path} does not exist")
-    check_pickle_imports(path)
+    if path.is_file():
+        check_pickle_imports(path)  # before anything else, torch or not
     try:
         import torch
     except ImportError as e:
         raise ImportError("reading official .pickle checkpoints needs PyTorch: "
                           "pip install -e .[torch]") from e
+    if not path.is_file():
+        raise FileNotFoundError(f"official checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
