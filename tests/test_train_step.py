@@ -166,8 +166,7 @@ def test_batchnorm_statistics_are_those_of_the_training_forward(setup):
         assert not np.allclose(np.asarray(g), np.asarray(b))  # the running statistics moved
 
 
-@pytest.mark.parametrize("mode,loop", [("rolled", True), ("unrolled", False)])
-def test_config_fused_unroll_reaches_the_scan(tmp_path, mode, loop):
+def test_config_fused_unroll_reaches_the_scan(tmp_path):
     """--config.fused_unroll decides whether the run's fused step is a loop or straight-line code
     (BENCHMARKS.md measured the rolled scan at 0.03x on a CPU, so 'auto' unrolls there)."""
     from train_runs import CONFIG, write_tiny_dataset
@@ -175,12 +174,41 @@ def test_config_fused_unroll_reaches_the_scan(tmp_path, mode, loop):
     ds = write_tiny_dataset(tmp_path)
     config = training.load_config(CONFIG, [f"--config.data.dataset={ds.parent}",
                                            f"--config.data.cache={tmp_path / 'cache'}", "--config.fused_steps=2",
-                                           f"--config.fused_unroll={mode}", "--config.progress=False",
-                                           "--config.tensorboard=False"])
+                                           "--config.progress=False", "--config.tensorboard=False"])
     (tmp_path / "run").mkdir()
     trainer = training.Trainer(training.resolve_paths(config, tmp_path / "run"), tmp_path / "run")
+    loops = {}
     try:
-        text = trainer.lower(2).as_text()
+        single = trainer.lower(1).as_text().count("stablehlo.while")  # loops of the step itself
+        for mode in ("rolled", "unrolled", "auto"):
+            trainer.config.fused_unroll = mode
+            loops[mode] = trainer.lower(2).as_text().count("stablehlo.while") - single
     finally:
         trainer.close()
-    assert ("stablehlo.while" in text) == loop
+    assert loops["rolled"] == 1 and loops["unrolled"] == 0  # the scan's own loop, or none
+    assert loops["auto"] == (0 if jax.default_backend() == "cpu" else 1)
+
+
+def test_one_executable_serves_every_fold_and_label_table(tmp_path):
+    """The label table and class weights are arguments of the step: runs of another split, with
+    Random G.T. labels and training-set class weights lower to the very same program, so the
+    persistent compilation cache serves every run of a demo after the first."""
+    from train_runs import CONFIG, write_tiny_dataset
+
+    ds = write_tiny_dataset(tmp_path)
+    common = [f"--config.data.dataset={ds.parent}", f"--config.data.cache={tmp_path / 'cache'}",
+              "--config.progress=False", "--config.tensorboard=False"]
+    texts, tables = [], []
+    for name, extra in (("a", []), ("b", ["--config.split=2", "--config.random_gt=True",
+                                          "--config.class_weights=train"])):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        config = training.resolve_paths(training.load_config(CONFIG, common + extra), workdir)
+        trainer = training.Trainer(config, workdir)
+        try:
+            texts.append(trainer.lower(1).as_text())
+            tables.append(jax.device_get(trainer.tables))
+        finally:
+            trainer.close()
+    assert not np.array_equal(tables[0][0], tables[1][0])  # different labels reach the step...
+    assert texts[0] == texts[1]  # ...through one program
