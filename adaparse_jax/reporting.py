@@ -178,9 +178,24 @@ SCORE_TABLES = (
 )
 
 
+PROBE_LABEL = "Spectral probe (reference)"
+
+
+def _probe_row(probe: Mapping, tgts) -> str:
+    """The discrete table's row of `zoo.probe.probe` results (generator level, pooled held-out)."""
+    cells = [f"{probe[t.name]['f1']:.3f} ({_p(probe[t.name]['p'])})" if t.name in probe else "–"
+             for t in tgts]
+    f1s = [probe[t.name]["f1"] for t in tgts if t.name in probe]
+    return f"| {PROBE_LABEL} | " + " | ".join(cells) + f" | {sum(f1s) / max(len(f1s), 1):.3f} |"
+
+
 def scores_markdown(report: Mapping, *, granularities: Sequence[str] = ("generator", "image"),
-             pvalues: bool = True) -> str:
-    """The tables of a `score_runs` report (see the module docstring for every definition)."""
+             pvalues: bool = True, probe: Mapping | None = None) -> str:
+    """The tables of a `score_runs` report (see the module docstring for every definition).
+
+    probe: `zoo.probe.probe` results of the same zoo, shown as a reference row of the
+    generator-level discrete table (logistic regression on spectra; not a parsing network).
+    """
     rows = [*report["methods"], report["baseline"]]
     lines = [
         f"Held-out generators of {report['dataset']}: {report['num_generators']} generators "
@@ -210,6 +225,8 @@ def scores_markdown(report: Mapping, *, granularities: Sequence[str] = ("generat
                 lines.append(f"| {m['label']} | "
                              + " | ".join(_score_cell(m, t.name, key, show_p) for t in tgts)
                              + f" | {_mean_cell(m, f'{family}/{key}')} |")
+            if probe and family == "discrete" and gran == "generator":
+                lines.append(_probe_row(probe, tgts))
             lines.append("")
     return "\n".join(lines)
 
@@ -231,6 +248,15 @@ def goal_markdown(g: Mapping) -> str:
         f"{'met' if g['beats_mean_predictor'] else 'not met'}.",
         f"Goal {'met' if g['met'] else 'not met'}.",
     ])
+
+
+def probe_goal_line(g: Mapping) -> str:
+    """One line: `scoring.probe_goal`'s verdict for one method, with the criteria that failed."""
+    failed = [k for k, ok in g["checks"].items() if not ok]
+    return (f"{g['method']}: Goal {'met' if g['met'] else 'not met'}"
+            + (f" (failed: {'; '.join(g['why'][k] for k in failed)})" if failed else
+               f" (up-sampling {g['upsampling']:.3f}; discrete {g['discrete_f1']:.3f} vs "
+               f"{g['random_gt_discrete_f1']:.3f} Random G.T.)"))
 
 
 def plot_scores(report: Mapping, path: str | os.PathLike) -> Path:

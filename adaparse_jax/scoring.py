@@ -214,9 +214,54 @@ def goal(report: Mapping, method: str = "AdaParse", random_gt: str | None = None
     return out
 
 
+def probe_goal(report: Mapping, method: str, probe: Mapping, *, official: str | None,
+               random_gt: str | None, alpha: float = 0.01, min_upsampling: float = 0.85) -> dict:
+    """The learning goal of the demo zoo (generator level, pooled held-out), for one method:
+
+    - on every discrete attribute the spectral probe (`zoo.probe.probe`) reads at p < alpha, the
+      method's macro F1 is at least the probe's;
+    - up-sampling macro F1 >= min_upsampling;
+    - mean discrete macro F1 above the `random_gt` method's (mean over its seeds);
+    - mean loss-group macro F1 at least the `official` recipe's (None: the method is that recipe).
+    """
+    by_label = {m["label"]: m for m in report["methods"]}
+    for label in (method, official, random_gt):
+        if label is not None and label not in by_label:
+            raise KeyError(f"no method {label!r} in the report; methods are {sorted(by_label)}")
+    m = by_label[method]
+    f1 = {n: e["f1_generator"] for n, e in m["targets"].items() if "f1_generator" in e}
+    read = [n for n, r in probe.items() if r["p"] < alpha]
+    below = [n for n in read if f1[n] < probe[n]["f1"]]
+    out = {"method": method, "upsampling": f1["upsampling"],
+           "discrete_f1": m["means"]["discrete/f1_generator"],
+           "random_gt_discrete_f1": (by_label[random_gt]["means"]["discrete/f1_generator"]
+                                     if random_gt else None),
+           "groups_f1": m["means"]["groups/f1_generator"],
+           "official_groups_f1": (by_label[official]["means"]["groups/f1_generator"]
+                                  if official else m["means"]["groups/f1_generator"]),
+           "probe_attributes": read, "below_probe": below}
+    out["checks"] = {
+        "probe": not below,
+        "upsampling": out["upsampling"] >= min_upsampling,
+        "random_gt": random_gt is not None and out["discrete_f1"] > out["random_gt_discrete_f1"],
+        "groups": out["groups_f1"] >= out["official_groups_f1"],
+    }
+    out["why"] = {
+        "probe": "below the spectral probe on " + ", ".join(
+            f"{n} ({f1[n]:.3f} < {probe[n]['f1']:.3f})" for n in below),
+        "upsampling": f"up-sampling {out['upsampling']:.3f} < {min_upsampling}",
+        "random_gt": (f"discrete {out['discrete_f1']:.3f} <= {out['random_gt_discrete_f1']:.3f} "
+                      f"for {random_gt}" if random_gt else "no Random G.T. runs of this recipe"),
+        "groups": f"loss groups {out['groups_f1']:.3f} < {out['official_groups_f1']:.3f} for {official}",
+    }
+    out["met"] = all(out["checks"].values())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Tables.
 
 
 __all__ = ["BASELINE_LABEL", "FAMILIES", "N_RESAMPLES", "RANDOM_GT_PREFIX", "goal", "mean_predictor",
+           "probe_goal",
            "score_runs"]

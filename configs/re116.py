@@ -11,6 +11,9 @@ personalisation of DnCNN blocks 6-10 (hypernetwork fed by block 5), 64x64 inputs
 mean 0.6490 / std 0.1269, class weights counted over all 116 generators (the official literals;
 `--config.class_weights=train` counts the training generators only). The last checkpoint is
 evaluated; `--config.data.num_val=8` holds 8 training generators out for model selection instead.
+The improved recipe (`adaparse_jax.train.recipes`: high-pass FEN input, RMS-normalised
+fingerprints, global pooling and He init in the parser, cross-entropy on logits, scaled window,
+constraints at 1/100): `--config configs/re116.py:improved` or `configs/re116.py:2,improved`.
 Ablations are overrides, e.g. `--config.model.fusion=add`, `--config.model.use_instance_code=False`.
 
 Expected runtime: not measured on a GPU in this project yet (see BENCHMARKS.md for measured
@@ -27,13 +30,19 @@ from adaparse_jax import train as training
 
 
 def get_config(arg=None):
-    """arg: optional split number ('configs/re116.py:2' equals --config.split=2)."""
+    """arg: comma-separated split number and/or recipe ('configs/re116.py:2,improved')."""
+    opts = [a.strip() for a in (arg or "").split(",") if a.strip()]
+    splits = [a for a in opts if a.isdigit()]
+    recipes = [a for a in opts if not a.isdigit()]
+    if len(splits) > 1 or len(recipes) > 1:
+        raise ValueError(f"configs/re116.py: expected at most one split and one recipe, got {arg!r}")
     config = training.default_config()
+    training.apply_recipe(config, recipes[0] if recipes else "official")
     config.data.images = "data/RE116"
     config.data.labels = "data/labels"
     config.data.variant = "re116"
     config.data.cache = "cache/re116"
-    config.split = int(arg) if arg else 1
+    config.split = int(splits[0]) if splits else 1
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     return config

@@ -18,11 +18,12 @@ F1 for it on RE-116 ("RED116"); check it against the paper before relying on it.
 """
 
 from adaparse_jax import models
+from adaparse_jax import train as training
 from configs import re116
 
 
 def get_config(arg=None):
-    """arg: optional split number."""
+    """arg: as configs/re116.py (split number and/or recipe, e.g. '2,improved')."""
     config = re116.get_config(arg)
     config.model = models.model_config("renet")
-    return config
+    return training.apply_recipe(config, config.recipe)  # the recipe's model fields again

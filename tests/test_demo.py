@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from adaparse_jax import demo, models, reporting, scoring
+from adaparse_jax import demo, models, reporting, scoring, targets
 from adaparse_jax import train as training
 from adaparse_jax.data import re116, synthetic
 
@@ -40,21 +40,38 @@ def test_config_loads_overrides_and_is_a_narrowed_official_model():
     # select (the last checkpoint), so no generators are spent on validation.
     assert c.train.class_weights == "train"
     default = _config()
-    assert default.train.num_epochs == 1 and default.train.data.num_val == 0 and default.workers == 2
+    assert default.train.data.num_val == 0 and default.workers == 2
+    assert default.train.num_epochs == 1 and default.probe and default.random_gt_seeds == (0, 1)
+    # Both recipes side by side: the official one of the product and the improved ones, with
+    # Random G.T. runs of the improved recipe the goal compares against.
+    assert default.methods == ("adaparse", "renet", "renet:improved")
+    assert default.random_gt_methods == ("renet:improved",)
 
 
 def test_plan_and_train_configs(tmp_path):
-    c = _config([f"--config.workdir={tmp_path}", "--config.random_gt_seeds=(0, 4)"])
+    c = _config([f"--config.workdir={tmp_path}", "--config.random_gt_seeds=(0, 4)",
+                 "--config.methods=('adaparse', 'renet:improved')",
+                 "--config.random_gt_methods=('adaparse',)"])
     runs = demo.plan(c, ["1", "2"])
-    assert [(r.arch, r.fold, r.random_gt_seed) for r in runs] == [
-        ("adaparse", "1", None), ("adaparse", "2", None), ("renet", "1", None), ("renet", "2", None),
-        ("adaparse", "1", 0), ("adaparse", "2", 0), ("adaparse", "1", 4), ("adaparse", "2", 4)]
+    assert [(r.arch, r.recipe, r.fold, r.random_gt_seed) for r in runs] == [
+        ("adaparse", "official", "1", None), ("adaparse", "official", "2", None),
+        ("renet", "improved", "1", None), ("renet", "improved", "2", None),
+        ("adaparse", "official", "1", 0), ("adaparse", "official", "2", 0),
+        ("adaparse", "official", "1", 4), ("adaparse", "official", "2", 4)]
     assert len({r.workdir for r in runs}) == len(runs)
     assert all(r.workdir.parent == tmp_path.resolve() / demo.RUNS_DIR for r in runs)
-    assert runs[6].name == "Random G.T. (AdaParse) seed 4, fold 1" and runs[2].name == "RE-Net, fold 1"
+    assert runs[6].name == "Random G.T. (AdaParse) seed 4, fold 1"
+    assert runs[2].name == "RE-Net (improved), fold 1" and runs[2].workdir.name == "renet_improved_fold1"
+    assert runs[0].workdir.name == "adaparse_fold1"  # official runs keep their old names
     for run in runs:
         t = demo.train_config(c, run)
         training.validate_config(t)
+        assert t.recipe == run.recipe
+        if run.recipe != "official":  # the recipe's fields, then compare the rest as official
+            assert t.model.fen_input == "highpass" and t.loss.ce_input == "logits"
+            for path in training.RECIPES["improved"]:
+                group, field = path.split(".")
+                t[group][field] = training.default_config()[group][field]
         assert t.model.arch == run.arch and t.split == int(run.fold)
         assert t.random_gt == (run.random_gt_seed is not None)
         assert t.random_gt_seed == (run.random_gt_seed or 0)
@@ -67,6 +84,15 @@ def test_plan_and_train_configs(tmp_path):
             assert t[k].to_dict() == c.train[k].to_dict()
         assert {k: v for k, v in t.model.items() if k != "arch"} == {
             k: v for k, v in c.train.model.items() if k != "arch"}
+
+
+@pytest.mark.parametrize("spec", ["adaparse:fast", "vit", "renet:"])
+def test_bad_method_names_the_entry(spec):
+    if spec == "renet:":  # an empty recipe is the official one
+        assert demo.parse_method(spec) == ("renet", "official")
+        return
+    with pytest.raises(ValueError, match=f"config.methods entry '{spec}'"):
+        demo.parse_method(spec)
 
 
 def test_folds_come_from_the_zoo(tmp_path):
@@ -114,9 +140,15 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     # The printed tables are the scoring of exactly these runs.
     text = "\n".join(printed)
     again = scoring.score_runs([r.workdir for r in runs], n_resamples=99)
-    assert reporting.scores_markdown(again) in text
+    assert reporting.scores_markdown(again, probe=out["probe"]) in text
     assert "Random G.T. (RE-Net)" in text and scoring.BASELINE_LABEL in text
     assert "Goal" in text and "[demo] total" in text
+    # The spectral probe ran on the same folds; the goal (a) line of RE-Net compares with it.
+    assert set(out["probe"]) == {t.name for t in targets.DISCRETE_TARGETS}
+    assert all(r["generators"] == 6 for r in out["probe"].values())
+    assert reporting.PROBE_LABEL in text
+    line = reporting.probe_goal_line(out["probe_goals"]["RE-Net"])
+    assert line in text and line.startswith("RE-Net: Goal ")
     assert out["goals"]["RE-Net"]["random_gt"] == "Random G.T. (RE-Net)"
     assert out["report"]["num_generators"] == 6  # two folds of 3 held-out generators
     files = out["files"]

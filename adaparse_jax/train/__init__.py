@@ -24,6 +24,7 @@ from adaparse_jax.train.config import (
 )
 from adaparse_jax.train.data import RunData, random_gt_labels, resolve_paths, setup_data
 from adaparse_jax.train.loop import NonFiniteLossError, Trainer, compiled_stats, train
+from adaparse_jax.train.recipes import RECIPES, apply_recipe
 from adaparse_jax.train.state import (
     TrainState,
     apply_model,
@@ -43,8 +44,9 @@ from adaparse_jax.train.state import (
 from adaparse_jax.train.writer import METRICS_JSONL, MetricsWriter, read_metrics
 
 __all__ = [
-    "CONFIG_JSON", "GENERATE", "METRICS_JSONL", "ConfigError", "MetricsWriter", "NonFiniteLossError", "RunData",
-    "TrainState", "Trainer", "apply_model", "check_and_save_config", "check_images", "check_overrides",
+    "CONFIG_JSON", "GENERATE", "METRICS_JSONL", "RECIPES", "ConfigError", "MetricsWriter",
+    "NonFiniteLossError", "RunData", "TrainState", "Trainer", "apply_model", "apply_recipe",
+    "check_and_save_config", "check_images", "check_overrides",
     "compiled_stats", "data_mesh", "decisions", "default_config", "fused_unroll", "init_state",
     "learning_rate", "load_config", "load_saved_config", "make_eval_step", "make_optimizer",
     "make_train_step", "param_count", "predict_batches", "random_gt_labels", "read_metrics",

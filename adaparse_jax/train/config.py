@@ -22,6 +22,7 @@ from adaparse_jax import atomic, models, parallel
 from adaparse_jax import losses as losses_lib
 from adaparse_jax import metrics as metrics_lib
 from adaparse_jax.data import pipeline
+from adaparse_jax.train.recipes import RECIPES
 
 CLASS_WEIGHTS = ("official", "train")
 SELECTION_MODES = ("max", "min")
@@ -46,7 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
       model: `models.model_config` (arch 'adaparse' | 'renet', sizes, ablation switches).
       loss: `losses.default_loss_config` (constraint weights, lambda = 10, ce_input).
       optimizer: Adam with L2 weight decay added to the gradient (torch's Adam): learning_rate,
-        weight_decay, b1, b2, eps.
+        weight_decay, b1, b2, eps; clip_norm (0: off), fen_lr_scale (1: one learning rate).
+      recipe: the training recipe the config was made with (`train.recipes`: 'official', the
+        default, or 'improved'); set by `recipes.apply_recipe`, it names the run in tables.
       data.dataset: a dataset.json or its directory (e.g. a synthetic zoo); or
       data.images + data.labels: an RE-116 / RE-123 image root and label directory
         (data.variant 'auto' | 're116' | 're123').
@@ -90,7 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = models.model_config("adaparse")
     c.loss = losses_lib.default_loss_config()
     c.optimizer = ml_collections.ConfigDict(
-        dict(learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8))
+        dict(learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+             clip_norm=0.0, fen_lr_scale=1.0))
     c.data = ml_collections.ConfigDict(dict(
         dataset="", images="", labels="", variant="auto", generate="", generate_seed=0,
         cache="", prepare=True, prepare_workers=0, num_val=0, val_seed=0,
@@ -117,6 +121,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.progress = True
     c.label = ""
+    c.recipe = "official"
     c.compilation_cache = ""
     return c
 
@@ -166,6 +171,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(field, "a positive integer")
 
+    if config.recipe not in RECIPES:
+        fail("recipe", f"one of {tuple(RECIPES)}")
     for f in ("batch_size", "num_epochs", "fused_steps", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints", "eval_every_epochs", "data.eval_batch_size"):
         positive_int(f)
@@ -332,6 +339,9 @@ def run_label(config: ml_collections.ConfigDict) -> str:
     if config.get("label"):
         return str(config.label)
     name = {"adaparse": "AdaParse", "renet": "RE-Net"}[config.model.arch]
+    recipe = config.get("recipe", "official")
+    if recipe != "official":
+        name = f"{name} ({recipe})"
     return f"Random G.T. ({name})" if config.random_gt else name
 
 
