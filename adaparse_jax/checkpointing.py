@@ -279,3 +279,24 @@ def selected_step(workdir: str | Path) -> tuple[int, str]:
         if step is not None:
             return step, f"best by validation {sel['metric']} ({sel['mode']}) = {value:.4f}"
     return steps[-1], "last checkpoint (no validation score)"
+
+
+# -- untrained parts ------------------------------------------------------------------------------
+
+# Meta key listing parts of the model that were never trained (e.g. the parser of a converted
+# official RE-Net checkpoint, which holds only the FEN); 'note' says why.
+UNTRAINED = "untrained"
+
+
+class UntrainedModelError(ValueError):
+    """A checkpoint whose meta record lists untrained parts, used as if it were trained."""
+
+
+def check_trained(meta: Mapping, where: str, allow: bool = False) -> None:
+    """Raise UntrainedModelError if `meta` lists untrained parts, unless `allow`."""
+    parts = list(meta.get(UNTRAINED) or [])
+    if parts and not allow:
+        raise UntrainedModelError(
+            f"{where}: the model's {' and '.join(parts)} {'is' if len(parts) == 1 else 'are'} untrained "
+            f"({meta.get('note', 'no note')}); its predictions mean nothing. Pass --allow-untrained "
+            "(Python: allow_untrained=True) to run it anyway")
