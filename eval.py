@@ -41,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-generator image draws")
     p.add_argument("--no_reuse", action="store_true",
                    help="predict again even where a workdir holds predictions of the same checkpoint")
+    p.add_argument("--allow_untrained", "--allow-untrained", action="store_true",
+                   help="evaluate checkpoints that record untrained parts (a converted RE-Net FEN: "
+                        "random parser)")
     args = p.parse_args(argv)
 
     from adaparse_jax import evaluation, reporting
 
     try:
         report = evaluation.evaluate(args.workdir, args.out, images_per_generator=args.images_per_generator,
-                                     seed=args.seed, reuse=not args.no_reuse)
+                                     seed=args.seed, reuse=not args.no_reuse,
+                                     allow_untrained=args.allow_untrained)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
