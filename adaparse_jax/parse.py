@@ -52,7 +52,6 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -72,53 +71,17 @@ class ParseError(ValueError):
 # The run: restored once, variables only.
 
 
-@dataclasses.dataclass
-class _Run:
-    """What `adaparse_jax.load` will return (branch `structure`); this module's stand-in until then."""
+def open_run(workdir: str | os.PathLike, step: int | None = None, *, allow_untrained: bool = False):
+    """`adaparse_jax.load(workdir, step)`, refusing a checkpoint that records untrained parts
+    (`checkpointing.UntrainedModelError`; a converted RE-Net FEN) unless `allow_untrained`.
 
-    workdir: Path
-    config: Any
-    model: Any
-    variables: dict
-    step: int
-    meta: dict
-
-    def apply(self, variables, images_uint8):
-        """uint8 [B, S, S, 3] -> the model's output dict (normalised inside, train=False)."""
-        from adaparse_jax.data import pipeline
-
-        return self.model.apply(variables, pipeline.normalize(images_uint8), train=False)
-
-
-def open_run(workdir: str | os.PathLike, step: int | None = None, *,
-             allow_untrained: bool = False) -> _Run:
-    """Restore a run's model and variables (params and BatchNorm statistics).
-
-    Raises ParseError / FileNotFoundError naming the workdir for a missing workdir, one that is no
-    training run, a run without checkpoint, an unknown step; `checkpointing.UntrainedModelError`
-    for a checkpoint that records untrained parts (a converted RE-Net FEN) unless allowed.
+    Returns (run, warning): warning says what is untrained when allowed, else ''.
     """
-    from adaparse_jax import checkpointing, models, train_lib
+    import adaparse_jax
+    from adaparse_jax import checkpointing
 
-    workdir = Path(workdir).expanduser()
-    if not workdir.is_dir():
-        raise ParseError(f"workdir {workdir} does not exist (or is not a directory)")
-    config = train_lib.load_saved_config(workdir)
-    selected, _ = checkpointing.selected_step(workdir)  # raises when the run has no checkpoint
-    step = selected if step is None else int(step)
-    model = models.build_model(config.model)
-    size = config.model.image_size
-    abstract = train_lib.state_shapes(model, train_lib.make_optimizer(config), (size, size, 3))
-    with checkpointing.Checkpointer(workdir / checkpointing.CHECKPOINTS,
-                                    keep=config.keep_checkpoints,
-                                    best_mode=config.selection_mode) as ckpt:
-        if step not in ckpt.steps():
-            raise ParseError(f"workdir {workdir} has no checkpoint step {step}; steps: {ckpt.steps()}")
-        meta = ckpt.meta(step)
-        checkpointing.check_trained(meta, f"checkpoint step {step} of {workdir}", allow_untrained)
-        state, _, meta = ckpt.restore(abstract, step, model_config=config.model.to_dict())
-    return _Run(workdir, config, model, {"params": state.params, "batch_stats": state.batch_stats},
-                step, meta)
+    run = adaparse_jax.load(workdir, step)
+    return run, checkpointing.check_trained(run.workdir, run.step, allow_untrained)
 
 
 def predict_pixels(run, pixels: np.ndarray, batch_size: int = 64) -> dict:
@@ -180,26 +143,21 @@ def id_vocabulary(source: str) -> Vocabulary:
     return Vocabulary({t.name: _ids(t) for t in targets.CLASSIFICATION_TARGETS}, source)
 
 
-def dataset_vocabulary(config) -> Vocabulary:
-    """The class names and count ranges the run's dataset records (see the module docstring)."""
-    from adaparse_jax.zoo import build as zoo_build
-
-    data = config.data
-    if data.dataset:
-        path = Path(data.dataset)
-        root = path if path.is_dir() or path.suffix != ".json" else path.parent
-        manifest_path = root / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        if manifest.get("format") == zoo_build.ZOO_FORMAT:
-            names = dict(id_vocabulary("").class_names)
-            for t in targets.DISCRETE_TARGETS:
-                given = tuple(manifest["class_names"][t.name])
-                if len(given) != t.num_classes:
-                    raise ParseError(f"{manifest_path}: class_names[{t.name!r}] has {len(given)} "
-                                     f"names; the target has {t.num_classes} classes")
-                names[t.name] = given
-            return Vocabulary(names, f"the synthetic zoo's manifest ({manifest_path})",
-                              manifest.get("count_normalisation"))
+def run_vocabulary(run) -> Vocabulary:
+    """The class names (`run.spec.class_names`) and count ranges the run's dataset records."""
+    names = dict(id_vocabulary("").class_names)
+    for name, given in run.spec.class_names.items():
+        if len(given) != targets.BY_NAME[name].num_classes:
+            raise ParseError(f"the run's dataset names {len(given)} classes for {name!r}; the target "
+                             f"has {targets.BY_NAME[name].num_classes}")
+        names[name] = tuple(given)
+    dataset = run.config.data.dataset
+    root = Path(dataset).parent if Path(dataset).suffix == ".json" else Path(dataset)
+    if run.spec.class_names:
+        manifest = json.loads((root / "manifest.json").read_text())
+        return Vocabulary(names, f"the dataset's manifest ({root / 'manifest.json'})",
+                          manifest.get("count_normalisation"))
+    if dataset:
         return id_vocabulary(f"dataset {root} records no class names: discrete classes are ids, "
                              "counts normalised only")
     return id_vocabulary("RE-116 does not publish the coding of its discrete classes: they are ids; "
@@ -378,16 +336,15 @@ def parse(workdir: str | os.PathLike, images: Sequence | None = None, *, folder=
       batch_size: images per forward pass.
       allow_untrained: parse with a checkpoint that records untrained parts (see `convert`).
     """
-    run = open_run(workdir, step, allow_untrained=allow_untrained)
-    size = run.config.model.image_size
-    pixels, names, skipped = read_images(images, folder, size)
-    vocab = dataset_vocabulary(run.config)
+    run, warning = open_run(workdir, step, allow_untrained=allow_untrained)
+    pixels, names, skipped = read_images(images, folder, run.spec.image_size)
+    vocab = run_vocabulary(run)
     report = {"workdir": str(run.workdir), "step": run.step, "arch": run.config.model.arch,
               "class_names": vocab.source,
               **build_report(predict_pixels(run, pixels, batch_size), names, vocab),
               "skipped": skipped}
-    if run.meta.get("untrained"):
-        report["warning"] = f"untrained: {', '.join(run.meta['untrained'])} ({run.meta.get('note', '')})"
+    if warning:
+        report["warning"] = warning
     return report
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from adaparse_jax import targets
-from adaparse_jax.parse import ParseError, Vocabulary, dataset_vocabulary, open_run, read_images
+from adaparse_jax.parse import ParseError, Vocabulary, open_run, read_images, run_vocabulary
 
 SPECTRA_OF = ("fingerprint", "image")
 SPLITS = ("test", "val")
@@ -327,12 +327,12 @@ def visualize(workdir, images: Sequence | None = None, *, folder=None, split: st
     """
     if sum(x is not None for x in (images, folder, split)) != 1:
         raise VisualizeError("give images, a folder or a split (exactly one)")
-    run = open_run(workdir, step, allow_untrained=allow_untrained)
-    vocab = dataset_vocabulary(run.config)
-    size = run.config.model.image_size
+    run, warning = open_run(workdir, step, allow_untrained=allow_untrained)
+    vocab = run_vocabulary(run)
+    size = run.spec.image_size
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"files": {}, "notes": []}
+    result: dict = {"files": {}, "notes": [warning] if warning else []}
     dataset = None
     if split is not None:
         dataset, run_split, cache = _run_data(run.config)
