@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -84,6 +85,18 @@ def open_run(workdir: str | os.PathLike, step: int | None = None, *, allow_untra
     return run, checkpointing.check_trained(run.workdir, run.step, allow_untrained)
 
 
+@functools.cache
+def _jitted_apply():
+    import jax
+
+    from adaparse_jax import train_lib
+
+    # The model is a static argument (flax modules hash by their fields): one compilation per model
+    # config and batch shape in a process, however often a run is loaded (`run.apply` is this
+    # function with the model bound).
+    return jax.jit(train_lib.apply_model, static_argnums=0)
+
+
 def predict_pixels(run, pixels: np.ndarray, batch_size: int = 64) -> dict:
     """uint8 [N, S, S, 3] -> {'continuous': [N, 9], 'probs': {name: [N, K]}} (official outputs), NumPy.
 
@@ -92,13 +105,12 @@ def predict_pixels(run, pixels: np.ndarray, batch_size: int = 64) -> dict:
     """
     import jax
 
-    apply = jax.jit(run.apply)
     outs = []
     for i in range(0, len(pixels), batch_size):
         chunk = pixels[i:i + batch_size]
         pad = batch_size - len(chunk) if len(pixels) > batch_size else 0
         x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)]) if pad else chunk
-        out = apply(run.variables, x)
+        out = _jitted_apply()(run.model, run.variables, x)
         outs.append(jax.device_get({"continuous": out["continuous"], "probs": out["probs"]}))
     n = len(pixels)
     return {"continuous": np.concatenate([o["continuous"] for o in outs])[:n],

@@ -29,6 +29,7 @@ head features by attribute); `class_mean_spectra`, `tsne` and the `plot_*` funct
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,20 +65,22 @@ def log_spectra(x) -> np.ndarray:
     return np.asarray(jnp.log(spectral.fingerprint_spectra(x)["spectrum"]))
 
 
-def _forward(run):
-    """jit: uint8 [B, S, S, 3] -> (model outputs, per-fingerprint parser features [B, T, F])."""
-    import jax
-
+def _outputs_and_features(model, variables, pixels):
+    """uint8 [B, S, S, 3] -> (model outputs, per-fingerprint parser features [B, T, F])."""
     from adaparse_jax.data import pipeline
     from adaparse_jax.models import parsing
 
-    def f(variables, pixels):
-        out, state = run.model.apply(variables, pipeline.normalize(pixels), train=False,
-                                     mutable=[parsing.INTERMEDIATES])
-        (features,) = state[parsing.INTERMEDIATES]["parser"][parsing.FEATURES]
-        return out, features
+    out, state = model.apply(variables, pipeline.normalize(pixels), train=False,
+                             mutable=[parsing.INTERMEDIATES])
+    (features,) = state[parsing.INTERMEDIATES]["parser"][parsing.FEATURES]
+    return out, features
 
-    return jax.jit(f)
+
+@functools.cache
+def _forward():
+    import jax
+
+    return jax.jit(_outputs_and_features, static_argnums=0)  # one compilation per model config
 
 
 def fingerprint_index(num_fingerprints: int, target: targets.Target) -> int:
@@ -102,11 +105,10 @@ def collect(run, pixels: np.ndarray, *, spectra_of: str = "fingerprint", batch_s
 
     if spectra_of not in SPECTRA_OF:
         raise VisualizeError(f"spectra_of={spectra_of!r}; expected one of {SPECTRA_OF}")
-    forward = _forward(run)
     parts = []
     for i in range(0, len(pixels), batch_size):
         batch = np.asarray(pixels[i:i + batch_size])
-        out, features = forward(run.variables, batch)
+        out, features = _forward()(run.model, run.variables, batch)
         t = out["fingerprints"].shape[1]
         if spectra_of == "image":
             image = log_spectra(pipeline.normalize(batch))
@@ -356,7 +358,7 @@ def visualize(workdir, images: Sequence | None = None, *, folder=None, split: st
     # (a) one image's fingerprints and their spectra.
     import jax
 
-    out_a, _ = jax.device_get(_forward(run)(run.variables, pixels[index:index + 1]))
+    out_a, _ = jax.device_get(_forward()(run.model, run.variables, pixels[index:index + 1]))
     fps = np.asarray(out_a["fingerprints"][0], np.float32)
     path = out / "fingerprints.png"
     plot_fingerprints(pixels[index], fps, log_spectra(fps),
