@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import numpy as np
 import pytest
 from parse_runs import SIZE, tiny_config, write_dataset
@@ -55,7 +56,8 @@ def test_adaparse_round_trip_without_torch(data_root, tmp_path):
     images = np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     from adaparse_jax.data import pipeline
 
-    expected = models.build_model(config.model).apply(variables, pipeline.normalize(images), train=False)
+    model = models.build_model(config.model)
+    expected = jax.jit(lambda v, x: model.apply(v, pipeline.normalize(x), train=False))(variables, images)
     got = jax.jit(run.apply)(run.variables, images)
     np.testing.assert_array_equal(got["continuous"], expected["continuous"])
     for name in expected["probs"]:
