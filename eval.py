@@ -43,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-generator image draws")
     p.add_argument("--no-reuse", "--no_reuse", dest="no_reuse", action="store_true",
                    help="predict again even where a workdir holds predictions of the same checkpoint")
+    p.add_argument("--allow-untrained", "--allow_untrained", dest="allow_untrained",
+                   action="store_true",
+                   help="evaluate checkpoints that record untrained parts (a converted RE-Net FEN: "
+                        "random parser)")
     return p
 
 
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = evaluation.evaluate(args.workdir, args.out, images_per_generator=args.images_per_generator,
-                                     seed=args.seed, reuse=not args.no_reuse)
+                                     seed=args.seed, reuse=not args.no_reuse,
+                                     allow_untrained=args.allow_untrained)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

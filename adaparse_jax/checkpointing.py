@@ -308,3 +308,31 @@ def selected_step(workdir: str | Path) -> tuple[int, str]:
         if step is not None:
             return step, f"best by validation {sel['metric']} ({sel['mode']}) = {value:.4f}"
     return steps[-1], "last checkpoint (no validation score)"
+
+
+# -- untrained parts ------------------------------------------------------------------------------
+
+# Meta key listing parts of the model that were never trained (e.g. the parser of a converted
+# official RE-Net checkpoint, which holds only the FEN); 'note' says why.
+UNTRAINED = "untrained"
+
+
+class UntrainedModelError(ValueError):
+    """A checkpoint whose meta record lists untrained parts, used as if it were trained."""
+
+
+def check_trained(workdir: str | Path, step: int, allow: bool = False) -> str:
+    """Refuse a checkpoint whose meta record lists untrained parts (UntrainedModelError) unless
+    `allow`; returns '' or, when allowed, a line saying what is untrained."""
+    with Checkpointer(Path(workdir) / CHECKPOINTS) as ckpt:
+        meta = ckpt.meta(step)
+    parts = list(meta.get(UNTRAINED) or [])
+    if not parts:
+        return ""
+    what = (f"the model's {' and '.join(parts)} {'is' if len(parts) == 1 else 'are'} untrained "
+            f"({meta.get('note', 'no note')})")
+    if not allow:
+        raise UntrainedModelError(
+            f"checkpoint step {step} of {workdir}: {what}; its predictions mean nothing. Pass "
+            "--allow-untrained (Python: allow_untrained=True) to run it anyway")
+    return what

@@ -17,6 +17,18 @@ how its layout changes:
 
 `num_batches_tracked` buffers are accepted and dropped. Unknown, missing and mis-shaped tensors
 raise one ValueError that lists them all.
+
+Command line: an official `.pickle` -> a run workdir (config.json + a step-0 checkpoint in the
+layout train.py writes) that `python -m adaparse_jax.parse` and `eval.py` read:
+
+    python -m adaparse_jax.convert --official 116_model_19.pickle --arch adaparse --out runs/official
+    python -m adaparse_jax.convert --official renet.pickle --arch renet --out runs/renet_fen \
+        --config configs/renet_re116.py:1          # a config with data, for eval.py
+
+The official RE-Net file holds only the FEN: its workdir gets a randomly initialised parser and
+its checkpoint records the parser as untrained, so `parse` and `eval.py` refuse it unless told
+`--allow-untrained` (training that workdir with train.py and the same config trains the parser from
+the converted FEN). Needs torch (`pip install -e .[torch]`).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import pickletools
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -362,3 +375,123 @@ def load_official_checkpoint(path: str | Path, arch: str = "adaparse",
     if arch == "renet":
         return renet_fen_variables(numpy_state(ckpt["state_dict_cnn"]), cfg)
     raise ValueError(f"config field arch={arch!r}; expected one of {models.ARCHS}")
+
+
+# ------------------------------------------------------------------------------------------------
+# A workdir from converted variables.
+
+RENET_PARSER_NOTE = ("the official RE-Net checkpoint holds only the FEN (DnCNN); the parser is "
+                     "randomly initialised")
+
+
+def write_run(config: ml_collections.ConfigDict, variables: Mapping, out: str | Path, *,
+              untrained: tuple[str, ...] = (), note: str = "", source: str = "") -> Path:
+    """Write `variables` as a run workdir: config.json and checkpoint step 0 (fresh optimiser state).
+
+    `config` is a full training config (`train.default_config()` fields) whose model the
+    variables fit; `untrained` names parts recorded as untrained in the checkpoint's meta (with
+    `note`), which `parse` and `eval.py` then refuse unless allowed. Refuses a directory that
+    already holds files.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from adaparse_jax import checkpointing
+    from adaparse_jax import train as training
+
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} already holds files; give a new or empty directory")
+    training.validate_config(config)
+    config = training.resolve_paths(config, out)
+    model = models.build_model(config.model)
+    size = config.model.image_size
+    tx = training.make_optimizer(config)
+    abstract = training.state_shapes(model, tx, (size, size, 3))
+    wanted = {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    got = {k: variables.get(k, {}) for k in wanted}
+    if jax.tree.structure(got) != jax.tree.structure(wanted) or any(
+            np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(wanted))):
+        raise ValueError("the converted variables do not fit config.model (another size or arch?)")
+    params = jax.tree.map(jnp.asarray, got["params"])
+    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                batch_stats=jax.tree.map(jnp.asarray, got["batch_stats"]),
+                                opt_state=tx.init(params), rng=jax.random.key(config.seed))
+    out.mkdir(parents=True, exist_ok=True)
+    training.check_and_save_config(config, out)
+    meta = {"model": config.model.to_dict(), "epoch": 0, "param_count": models.param_count(params),
+            "label": training.run_label(config), "converted_from": source}
+    if untrained:
+        meta.update({checkpointing.UNTRAINED: list(untrained), "note": note})
+    with checkpointing.Checkpointer(out / checkpointing.CHECKPOINTS, keep=config.keep_checkpoints,
+                                    best_mode=config.selection_mode) as ckpt:
+        ckpt.save(state, loader_state={"epoch": 0, "step": 0}, meta=meta)
+    return out
+
+
+def official_run(variables: Mapping, arch: str, config: ml_collections.ConfigDict, out: str | Path,
+                 source: str = "") -> tuple[Path, tuple[str, ...]]:
+    """Converted official variables -> a workdir (`write_run`); RE-Net's random parser is recorded.
+
+    Returns the workdir and the untrained parts.
+    """
+    import jax
+
+    if config.model.arch != arch:
+        raise ValueError(f"config field model.arch={config.model.arch!r} but --arch {arch}")
+    untrained: tuple[str, ...] = ()
+    note = ""
+    if arch == "renet":
+        model = models.build_model(config.model)
+        size = config.model.image_size
+        init = jax.jit(lambda k: model.init({"params": k, "dropout": k},
+                                            np.zeros((1, size, size, 3), np.float32)))(
+            jax.random.key(config.seed))
+        variables = merge({PARAMS: {"parser": init[PARAMS]["parser"]}}, variables)
+        untrained = ("parser",)
+        note = f"{RENET_PARSER_NOTE} (seed {config.seed})"
+    return write_run(config, variables, out, untrained=untrained, note=note, source=source), untrained
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m adaparse_jax.convert",
+                                description="Convert an official PyTorch checkpoint into a run workdir.",
+                                epilog="Config overrides as for train.py: --config.<field>=<value>.")
+    p.add_argument("--official", required=True, help="the official .pickle checkpoint")
+    p.add_argument("--arch", required=True, choices=models.ARCHS)
+    p.add_argument("--out", required=True, help="the workdir to write (new or empty)")
+    p.add_argument("--config", help="a training config file (PATH[:ARG]) whose model is the official "
+                                    "one; default: train.default_config() with the official model "
+                                    "and no dataset (parse works; eval.py needs one)")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+
+    from adaparse_jax import train as training
+
+    try:
+        if args.config:
+            config = training.load_config(args.config, overrides)
+        else:
+            config = training.default_config()
+            config.model = models.model_config(args.arch)
+            if overrides:
+                p.error("--config.<field> overrides need --config")
+        variables = load_official_checkpoint(args.official, args.arch, config.model)
+        out, untrained = official_run(variables, args.arch, config, args.out, source=str(args.official))
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.arch}, checkpoint step 0) from {args.official}")
+    if untrained:
+        print(f"missing from the official file: the {', '.join(untrained)}. {RENET_PARSER_NOTE}; "
+              "parse and eval.py refuse this workdir unless given --allow-untrained. Train it with "
+              f"python train.py --config <the same config> --workdir {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

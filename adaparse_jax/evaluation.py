@@ -103,7 +103,7 @@ def headline(metrics: Mapping[str, float], prefix: str = "") -> str:
 def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
                  eval_step: Callable | None = None, reuse: bool = True,
                  images_per_generator: Sequence[int | None] = DEFAULT_IMAGES_PER_GENERATOR,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, allow_untrained: bool = False) -> dict:
     """Evaluate one run on its split's test generators (see the module docstring).
 
     Args:
@@ -111,6 +111,9 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
       eval_step: a jitted eval step of this run's model (built when None).
       reuse: reuse saved predictions of the same checkpoint instead of predicting again.
       images_per_generator, seed: the per-generator aggregation (`metrics.compute_metrics`).
+      allow_untrained: evaluate a checkpoint whose record lists untrained parts (a converted
+        RE-Net FEN with a random parser, `convert`); refused otherwise
+        (`checkpointing.UntrainedModelError`).
 
     Returns a dict with 'label', 'split', 'step', 'selection', 'metrics', 'baseline_metrics',
     'confusion', 'predictions' (the .npz path) and the generator lists; also written as
@@ -123,6 +126,7 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
         step, why = checkpointing.selected_step(workdir)
     else:
         why = "requested"
+    checkpointing.check_trained(workdir, step, allow_untrained)
     pred_path = workdir / EVAL_DIR / f"test_predictions_step{step}.npz"
     if reuse and pred_path.is_file():
         preds = load_predictions(pred_path)
@@ -205,7 +209,7 @@ def _sum_confusion(items: Sequence[Mapping[str, list]]) -> dict:
 
 def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
              images_per_generator: Sequence[int | None] = DEFAULT_IMAGES_PER_GENERATOR,
-             seed: int = 0, reuse: bool = True) -> dict:
+             seed: int = 0, reuse: bool = True, allow_untrained: bool = False) -> dict:
     """Evaluate runs (one workdir per split and method), aggregate over splits, write the report.
 
     Args:
@@ -217,7 +221,8 @@ def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     metrics, mean, std, summed confusion counts) and 'baseline' (the mean/mode baseline of the same
     splits), as also written to results.json.
     """
-    results = [evaluate_run(d, images_per_generator=images_per_generator, seed=seed, reuse=reuse)
+    results = [evaluate_run(d, images_per_generator=images_per_generator, seed=seed, reuse=reuse,
+                            allow_untrained=allow_untrained)
                for d in expand_workdirs(workdirs)]
     methods: dict[str, dict] = {}
     baseline_splits: dict[tuple[str, str], dict] = {}

@@ -1,5 +1,5 @@
-"""eval.py and predict on the tiny runs of train_runs.py: the tables' numbers equal a recomputation
-with scikit-learn from the saved per-image predictions; clear errors; predict == evaluation."""
+"""eval.py and parse on the tiny runs of train_runs.py: the tables' numbers equal a recomputation
+with scikit-learn from the saved per-image predictions; clear errors; parse == evaluation."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from train_runs import ROOT, tiny_runs
 
 from adaparse_jax import evaluation, reporting, targets
 from adaparse_jax.data import re116
-from adaparse_jax.predict import predict
+from adaparse_jax.parse import parse
 
 pytestmark = pytest.mark.slow
 
@@ -162,23 +162,22 @@ def test_missing_workdir_is_a_clear_error(runs, tmp_path):
     assert done.returncode == 2 and "no training workdir" in done.stderr
 
 
-def test_predict_parses_a_folder_as_the_evaluation_did(runs):
+def test_parse_reads_a_folder_as_the_evaluation_did(runs):
     sel = evaluation.evaluate_run(runs["A"])
     saved = evaluation.load_predictions(sel["predictions"])
     folder = runs["dataset"] / "images" / "SYN_00"
-    results = predict(runs["A"], folder=folder)
-    json.dumps(results)  # JSON-able
+    results = parse(runs["A"], folder=folder)["images"]
     rows = np.flatnonzero(saved["generator"] == 0)
     assert len(results) == len(rows) == 16
     for r, i in zip(results, rows):
         assert r["image"].endswith(str(saved["paths"][i]).split("/")[-1])
-        np.testing.assert_allclose([r["continuous"][t.name] for t in targets.CONTINUOUS_TARGETS],
+        np.testing.assert_allclose([r["continuous"][t.name]["normalised"] for t in targets.CONTINUOUS_TARGETS],
                                    saved["continuous"][i], rtol=1e-5, atol=1e-6)
         for t in targets.DISCRETE_TARGETS:
-            assert r["discrete"][t.name]["class"] == int(saved[t.name][i])
+            assert r["discrete"][t.name]["class_id"] == int(saved[t.name][i])
         for t in targets.FLAG_TARGETS:
             assert r["loss_flags"][t.name]["used"] == bool(saved[t.name][i] == 1)
-    one = predict(runs["A"], [np.asarray(Image.open(folder / "0000.png"))])
+    one = parse(runs["A"], [np.asarray(Image.open(folder / "0000.png"))])["images"]
     assert one[0]["discrete"] == results[0]["discrete"]
 
 

@@ -29,6 +29,10 @@ from adaparse_jax import targets
 from adaparse_jax.models.dncnn import conv3x3, dense
 
 Dtype = Any
+# Collection and name under which the parser sows its per-fingerprint features [B, T, F] (the
+# heads' inputs before `head_features` picks or averages them).
+INTERMEDIATES = "intermediates"
+FEATURES = "features"
 
 FEN_INPUTS = ("image", "highpass")
 FINGERPRINT_SKIPS = ("none", "highpass")
@@ -127,6 +131,9 @@ class ParsingNetwork(nn.Module):
             x = nn.relu(dense(f, x.shape[-1], name=f"fc{i}", **kw)(x))
         # The heads are tiny and feed the losses: they run in float32 whatever the compute dtype.
         features = x.reshape(b, t, -1).astype(jnp.float32)
+        # Kept only when the caller asks (`mutable=[INTERMEDIATES]`): the plain forward, its outputs
+        # and parameter names are unchanged. `visualize` reads the heads' inputs from it.
+        self.sow(INTERMEDIATES, FEATURES, features)
 
         def head(target: targets.Target) -> jax.Array:
             return dense(target.num_classes, features.shape[-1], dtype=jnp.float32,
