@@ -115,7 +115,7 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
     'confusion', 'predictions' (the .npz path) and the generator lists; also written as
     `<workdir>/eval/test_metrics_step<S>.json`.
     """
-    from adaparse_jax import models, train_lib
+    from adaparse_jax import runs, train_lib
     from adaparse_jax.data import pipeline
 
     workdir = Path(workdir).resolve()
@@ -130,18 +130,12 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
     if reuse and pred_path.is_file():
         preds = load_predictions(pred_path)
     else:
-        model = models.build_model(config.model)
-        tx = train_lib.make_optimizer(config)
-        size = config.model.image_size
-        abstract = train_lib.state_shapes(model, tx, (size, size, 3))
-        with checkpointing.Checkpointer(workdir / checkpointing.CHECKPOINTS,
-                                        keep=config.keep_checkpoints,
-                                        best_mode=config.selection_mode) as ckpt:
-            state, _, _ = ckpt.restore(abstract, step, model_config=config.model.to_dict())
-        eval_step = eval_step or train_lib.make_eval_step(model)
+        restored = runs.load(workdir, step)
+        eval_step = eval_step or restored.eval_step
         with pipeline.Loader(run.cache, split.test, batch_size=config.data.eval_batch_size,
                              train=False, mode=config.data.loader, names=dataset.names) as loader:
-            preds = train_lib.predict_batches(eval_step, state, loader, config.data.eval_batch_size)
+            preds = train_lib.predict_batches(eval_step, restored.variables, loader,
+                                              config.data.eval_batch_size)
             source_paths = [run.cache.paths[i] for i in loader.records]
         preds["label_rows"] = dataset.labels[preds["generator"]]
         save_predictions(pred_path, preds, generator_names=dataset.names, paths=source_paths)

@@ -504,23 +504,46 @@ def decisions(outputs: Mapping[str, Any]) -> dict:
     return out
 
 
+def variables_of(state: TrainState) -> dict:
+    """The model variables of a state: {'params', 'batch_stats'} (what `runs.load` restores)."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def check_images(images, size: int | None) -> None:
+    """Raise ValueError unless `images` (an array or a tracer) is uint8 [B, size, size, 3], B >= 1.
+
+    Nothing is ever cast: floats in [0, 1] would otherwise become 0 and 1."""
+    shape, dtype = tuple(images.shape), np.dtype(images.dtype)
+    s = shape[1] if size is None and len(shape) == 4 else size
+    if dtype != np.uint8 or len(shape) != 4 or shape[1:] != (s, s, 3) or shape[0] == 0:
+        want = f"[B, {size}, {size}, 3]" if size else "[B, S, S, 3]"
+        raise ValueError(f"images: expected uint8 {want} with B >= 1 (RGB pixels 0-255), got "
+                         f"{dtype.name} {list(shape)}; convert floats in [0, 1] with "
+                         "(x * 255).round().astype(np.uint8)")
+
+
+def apply_model(model: nn.Module, variables: Mapping, images: jax.Array) -> dict:
+    """Model outputs of uint8 images [B, S, S, 3]: normalised on the device, BatchNorm running
+    statistics, no dropout. Pure; raises ValueError for another shape or dtype (`check_images`)."""
+    check_images(images, getattr(model, "image_size", None))
+    return model.apply(variables, pipeline.normalize(images), train=False)
+
+
 def make_eval_step(model: nn.Module) -> Callable:
-    """Return the jitted `eval_step(state, batch) -> outputs` (BatchNorm running statistics, no dropout).
+    """Return the jitted `eval_step(variables, batch) -> outputs` (BatchNorm running statistics,
+    no dropout); `variables` = {'params', 'batch_stats'} (`variables_of(state)`).
 
     Outputs: 'continuous' [B, 9]; for every classification target, 'prob/<name>' [B, K] (the
     official per-class outputs; flags gated by their group) and '<name>' [B] decisions (argmax).
     """
 
-    def eval_step(state: TrainState, batch) -> dict:
-        images = pipeline.normalize(batch["image"])
-        outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                              train=False)
-        return decisions(outputs)
+    def eval_step(variables: Mapping, batch) -> dict:
+        return decisions(apply_model(model, variables, batch["image"]))
 
     return jax.jit(eval_step)
 
 
-def predict_batches(eval_step: Callable, state: TrainState, batches, batch_size: int) -> dict:
+def predict_batches(eval_step: Callable, variables: Mapping, batches, batch_size: int) -> dict:
     """Run `eval_step` over device batches; NumPy predictions for every image, in order.
 
     A short last batch is padded to `batch_size` (BatchNorm uses running statistics, so padding rows
@@ -535,7 +558,7 @@ def predict_batches(eval_step: Callable, state: TrainState, batches, batch_size:
             pad = batch_size - n
             batch = {k: jnp.concatenate([v, jnp.zeros((pad, *v.shape[1:]), v.dtype)])
                      for k, v in batch.items()}
-        outs.append(eval_step(state, batch))
+        outs.append(eval_step(variables, batch))
         gens.append(batch["generator"])
         sizes.append(n)
     if not outs:
@@ -763,7 +786,7 @@ def _validate(config, run: RunData, eval_step, state, loader) -> dict:
     from adaparse_jax import metrics as metrics_lib
 
     loader.reset()
-    preds = predict_batches(eval_step, state, loader, config.data.eval_batch_size)
+    preds = predict_batches(eval_step, variables_of(state), loader, config.data.eval_batch_size)
     # Validation generators are scored against their true labels (also under Random G.T.).
     scores = metrics_lib.score(preds, run.dataset.labels[preds["generator"]])
     scores["score"] = selection_score(scores)

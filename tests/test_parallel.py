@@ -95,7 +95,7 @@ def _child(out: str) -> None:
         for batch in batches:
             state, m = step(state, place_batch(batch))
             metrics.append(m)
-        return state, metrics, eval_step(state, place_batch(batches[0]))
+        return state, metrics, eval_step(train_lib.variables_of(state), place_batch(batches[0]))
 
     one = devices[0]
     single = run(lambda s: jax.device_put(s, one), lambda b: jax.device_put(b, one))
