@@ -109,15 +109,20 @@ def _gradient_sign_attack(images: np.ndarray, attack: Attack | None, label_rows,
         raise PerturbationError(f"perturbation {name!r}: label_rows has shape {label_rows.shape}; "
                                 f"expected [{len(images)}, {targets.NUM_LABEL_COLUMNS}]")
     out = np.empty_like(images)
-    for start in range(0, len(images), attack.batch_size):
-        clean = images[start:start + attack.batch_size].astype(np.float32)
-        rows = label_rows[start:start + attack.batch_size]
+    size = attack.batch_size
+    for start in range(0, len(images), size):
+        n = len(images[start:start + size])
+        # A short last batch is padded with copies of its last image (one compiled shape); in
+        # evaluation mode images do not interact, so the padding leaves the others' gradients' signs.
+        pad = ((0, size - n),) + ((0, 0),) * 3
+        clean = np.pad(images[start:start + size].astype(np.float32), pad, mode="edge")
+        rows = np.pad(label_rows[start:start + size], pad[:2], mode="edge")
         x = clean.copy()
         for _ in range(steps):
             _, grad = attack.loss_and_grad(x, rows)
             x = np.clip(x + step_size * np.sign(grad), clean - eps, clean + eps)
             x = np.clip(x, 0.0, 255.0)
-        out[start:start + len(clean)] = np.round(x).astype(np.uint8)
+        out[start:start + n] = np.round(x[:n]).astype(np.uint8)
     return out
 
 

@@ -18,32 +18,31 @@ import numpy as np
 
 @dataclasses.dataclass
 class Run:
-    workdir: Path
-    config: Any  # ml_collections.ConfigDict saved by the run
-    model: Any  # flax module
-    variables: dict  # {'params', 'batch_stats'}
-    step: int
+    loaded: Any  # adaparse_jax.runs.Run: config, model, variables, step, apply (uint8 only)
     data: Any  # train_lib.RunData: dataset, split, cache, train_labels, class_weights
 
+    workdir = property(lambda self: self.loaded.workdir)
+    config = property(lambda self: self.loaded.config)
+    model = property(lambda self: self.loaded.model)
+    variables = property(lambda self: self.loaded.variables)
+    step = property(lambda self: self.loaded.step)
+    image_size = property(lambda self: self.loaded.spec.image_size)
+
     def apply(self, variables, images) -> dict:
-        """Pure: images [B, S, S, 3] in grey levels (uint8 or float) -> model outputs (eval mode)."""
+        """Pure: images [B, S, S, 3] in grey levels, uint8 or float (what a gradient attack needs;
+        `runs.Run.apply` takes uint8 only) -> model outputs, evaluation mode."""
         from adaparse_jax.data import pipeline
 
         return self.model.apply(variables, pipeline.normalize(images), train=False)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.config.model.image_size)
-
 
 def open_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
-    """Restore a run's selected (or given) checkpoint, params and batch statistics only."""
-    from adaparse_jax import predict, train_lib
+    """The run's selected (or given) checkpoint via `adaparse_jax.load`, and its data."""
+    import adaparse_jax
+    from adaparse_jax import train_lib
 
-    workdir = Path(workdir).resolve()
-    config, model, state, step = predict._load(workdir, step)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return Run(workdir, config, model, variables, int(step), train_lib.setup_data(config))
+    loaded = adaparse_jax.load(workdir, step)
+    return Run(loaded, train_lib.setup_data(loaded.config))
 
 
 def predict_arrays(fn: Callable, variables, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
