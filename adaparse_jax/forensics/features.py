@@ -15,6 +15,7 @@ Feature sets (`FEATURE_SETS`), per image:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -27,8 +28,10 @@ SPECTRUM_GRID = 16
 BATCH_SIZE = 64
 
 
+@functools.lru_cache(maxsize=4)
 def _extractor(model):
-    """jitted (variables, batch) -> {'head': [B, T * F], 'spectrum': [B, P * P]}."""
+    """jitted (variables, batch) -> {'head': [B, T * F], 'spectrum': [B, P * P]} (one per model
+    config: the three commands in one process compile it once)."""
     import jax
     import jax.numpy as jnp
 
