@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from adaparse_jax import atomic
 
 CHECKPOINTS = "checkpoints"
 SELECTION = "selection.json"
@@ -220,7 +221,7 @@ class Checkpointer:
         """(TrainState, loader state, meta) of checkpoint `step` (default: the latest).
 
         Args:
-          abstract_state: TrainState of ShapeDtypeStructs (`train_lib.state_shapes`): the structure
+          abstract_state: TrainState of ShapeDtypeStructs (`training.state_shapes`): the structure
             and shapes to restore into.
           model_config: the model config being built; compared with the one the checkpoint records.
           sharding: where every array goes, e.g. `parallel.replicated(mesh)` for a data-parallel
@@ -269,10 +270,7 @@ class Checkpointer:
 
 def write_selection(workdir: str | Path, record: Mapping) -> None:
     """Atomically write `<workdir>/selection.json` (the validation history and the best step)."""
-    path = Path(workdir) / SELECTION
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(record), indent=1))
-    tmp.replace(path)
+    atomic.write_json(Path(workdir) / SELECTION, dict(record))
 
 
 def read_selection(workdir: str | Path) -> dict | None:

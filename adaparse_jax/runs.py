@@ -30,10 +30,22 @@ import ml_collections
 import numpy as np
 
 from adaparse_jax import checkpointing, models, targets
-from adaparse_jax import train_lib as train_state
-from adaparse_jax.train_lib import load_saved_config, run_label
+from adaparse_jax.train import state as train_state
+from adaparse_jax.train.config import load_saved_config, run_label
 
-__all__ = ["Run", "RunSpec", "load", "load_saved_config", "run_label"]
+__all__ = ["BASELINE_LABEL", "RANDOM_GT_PREFIX", "Run", "RunSpec", "load", "load_saved_config",
+           "method_rank", "run_label"]
+# One name per reference row and one method order, for every table (evaluation, scoring, reports).
+BASELINE_LABEL = "Mean/mode predictor"
+RANDOM_GT_PREFIX = "Random G.T."
+_METHOD_ORDER = ("AdaParse", "RE-Net")
+
+
+def method_rank(label: str) -> tuple[int, str]:
+    """Row order of the tables: AdaParse, RE-Net, other labels, then Random G.T. (by name)."""
+    if label in _METHOD_ORDER:
+        return _METHOD_ORDER.index(label), label
+    return (3 if label.startswith(RANDOM_GT_PREFIX) else 2), label
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""The one place the forensics commands restore a training run (to become `adaparse_jax.load`).
+"""The one place the forensics commands open a training run: `adaparse_jax.load` plus its data.
 
 `open_run(workdir)` gives what every command reads: the model, its variables at the run's selected
-checkpoint, a pure `apply(variables, images)` on uint8 (or float) images in grey levels, and the
-run's data (dataset, split, cache, class weights).
+checkpoint, a pure `apply(variables, images)` on uint8 or float images in grey levels (a gradient
+attack differentiates with respect to the input), and the run's data (dataset, split, cache, class
+weights).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 @dataclasses.dataclass
 class Run:
     loaded: Any  # adaparse_jax.runs.Run: config, model, variables, step, apply (uint8 only)
-    data: Any  # train_lib.RunData: dataset, split, cache, train_labels, class_weights
+    data: Any  # train.RunData: dataset, split, cache, train_labels, class_weights
 
     workdir = property(lambda self: self.loaded.workdir)
     config = property(lambda self: self.loaded.config)
@@ -39,10 +40,10 @@ class Run:
 def open_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
     """The run's selected (or given) checkpoint via `adaparse_jax.load`, and its data."""
     import adaparse_jax
-    from adaparse_jax import train_lib
+    from adaparse_jax import train as training
 
     loaded = adaparse_jax.load(workdir, step)
-    return Run(loaded, train_lib.setup_data(loaded.config))
+    return Run(loaded, training.setup_data(loaded.config))
 
 
 def predict_arrays(fn: Callable, variables, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
@@ -50,12 +51,12 @@ def predict_arrays(fn: Callable, variables, images: np.ndarray, batch_size: int)
     (one compiled shape), gathered on the host."""
     import jax.numpy as jnp
 
-    from adaparse_jax import train_lib
+    from adaparse_jax import train as training
 
     batches = ({"image": jnp.asarray(images[i:i + batch_size]),
                 "generator": jnp.zeros((len(images[i:i + batch_size]),), jnp.int32)}
                for i in range(0, len(images), batch_size))
-    out = train_lib.predict_batches(fn, variables, batches, batch_size)
+    out = training.predict_batches(fn, variables, batches, batch_size)
     out.pop("generator")
     return out
 
