@@ -13,7 +13,8 @@ from PIL import Image
 from train_runs import ROOT, tiny_runs
 
 from adaparse_jax import targets
-from adaparse_jax.forensics import __main__ as cli, features, tasks
+from adaparse_jax.forensics import __main__ as cli
+from adaparse_jax.forensics import features, tasks
 from adaparse_jax.zoo import photos
 
 # ------------------------------------------------------------------------------------------------

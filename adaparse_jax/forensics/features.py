@@ -172,7 +172,8 @@ def folder_images(folder, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
     return pixels[0::2], pixels[1::2], info
 
 
-def family_groups(info: Mapping[str, Mapping], generators: np.ndarray, names_by_row: Sequence[str]) -> dict[str, np.ndarray]:
+def family_groups(info: Mapping[str, Mapping], generators: np.ndarray,
+                  names_by_row: Sequence[str]) -> dict[str, np.ndarray]:
     """family -> boolean mask over images (by their generators' rows), families in `FAMILIES` order."""
     fam = np.asarray([info[names_by_row[g]]["family"] for g in generators])
     return {f: fam == f for f in FAMILIES if np.any(fam == f)}

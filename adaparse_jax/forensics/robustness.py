@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adaparse_jax import metrics as metrics_lib, perturb
+from adaparse_jax import metrics as metrics_lib
+from adaparse_jax import perturb
 from adaparse_jax.forensics import _run
 
 BATCH_SIZE = 64

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adaparse_jax.forensics import _run, features as features_lib
+from adaparse_jax.forensics import _run
+from adaparse_jax.forensics import features as features_lib
 
 C = 1.0  # inverse L2 strength of the logistic regressions (scikit-learn's default)
 
