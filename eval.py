@@ -8,6 +8,12 @@ patterns are expanded (quote them). Writes OUT/tables.md (Markdown tables like A
 III and IV, per image and per generator, mean ± std over splits, plus the mean/mode baseline),
 OUT/results.json (the same numbers at full precision, confusion counts) and
 OUT/confusion_<method>.png. Everything else lives in `adaparse_jax.evaluation.evaluate`.
+
+  python eval.py --workdir runs/tiny --perturb rot90 jpeg:75 noise:4 fgsm:2 --out results/robust
+
+With --perturb, the test images are parsed clean and after each perturbation instead (NAME[:LEVEL],
+`adaparse_jax.perturb`), and OUT/robustness.md / .json hold AdaParse Table XI's layout: each
+perturbation's scores next to the clean ones (`adaparse_jax.forensics.robustness`).
 """
 
 from __future__ import annotations
@@ -47,11 +53,27 @@ def parser() -> argparse.ArgumentParser:
                    action="store_true",
                    help="evaluate checkpoints that record untrained parts (a converted RE-Net FEN: "
                         "random parser)")
+    p.add_argument("--perturb", nargs="+", action="extend", metavar="NAME[:LEVEL]",
+                   help="robustness table instead: perturbations of the test images, e.g. rot90 hflip "
+                        "jpeg:75 noise:4 blur:1 resize:0.5 crop:0.8 fgsm:2 pgd:2:10 denoise:0.05")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+
+    if args.perturb:
+        from adaparse_jax import perturb
+        from adaparse_jax.forensics import robustness
+
+        try:
+            report = robustness.evaluate(args.workdir, args.perturb, args.out, seed=args.seed)
+        except (FileNotFoundError, ValueError, perturb.PerturbationError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(robustness.markdown(report))
+        print(f"wrote {report['files']['markdown']} and {report['files']['json']}")
+        return 0
 
     from adaparse_jax import evaluation, reporting
 
