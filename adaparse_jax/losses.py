@@ -41,6 +41,7 @@ import optax
 from adaparse_jax import spectral, targets
 
 CE_INPUTS = ("probs", "logits")
+LOWFREQ_WINDOWS = ("clamped", "scaled")
 CONSTRAINT_TERMS = ("magnitude", "spectrum", "repetitive", "energy")
 # Flags and groups predict "used" with class 1 (the official gating multiplies by group column 1).
 USED = 1
@@ -56,6 +57,14 @@ def default_loss_config() -> ml_collections.ConfigDict:
     c.repetitive_threshold = 10000.0
     c.energy_weight = 1.0
     c.lowfreq_half_size = spectral.DEFAULT_LOWFREQ_HALF_SIZE
+    # 'clamped' (official at 64 px; below it the window is clamped to fit, `spectral.clamped_half_size`)
+    # | 'scaled': the official 25/64 ratio at any size (`spectral.scaled_half_size`: 12 at 32 px).
+    c.lowfreq_window = "clamped"
+    # The four constraint weights are multiplied by constraint_scale * min(1, step / ramp_steps)
+    # (ramp_steps 0: no ramp, the official constant weights). At initialisation the constraints'
+    # gradient on the FEN is ~1e5 times that of the parsing losses (docs/EXPERIMENTS.md).
+    c.constraint_scale = 1.0
+    c.constraint_ramp_steps = 0
     c.prediction_weight = 10.0  # lambda: multiplies the continuous and every cross-entropy term
     c.ce_input = "probs"  # 'probs' (official quirk) or 'logits' (see the module docstring)
     return c
@@ -69,7 +78,24 @@ def _check_config(loss_config) -> ml_collections.ConfigDict:
         raise ValueError(f"loss_config is missing fields {missing}; start from default_loss_config()")
     if loss_config.ce_input not in CE_INPUTS:
         raise ValueError(f"loss_config.ce_input must be one of {CE_INPUTS}, got {loss_config.ce_input!r}")
+    if loss_config.lowfreq_window not in LOWFREQ_WINDOWS:
+        raise ValueError(f"loss_config.lowfreq_window must be one of {LOWFREQ_WINDOWS}, "
+                         f"got {loss_config.lowfreq_window!r}")
+    if not isinstance(loss_config.constraint_ramp_steps, int) or loss_config.constraint_ramp_steps < 0:
+        raise ValueError("loss_config.constraint_ramp_steps must be an integer >= 0, got "
+                         f"{loss_config.constraint_ramp_steps!r}")
+    if not loss_config.constraint_scale >= 0:
+        raise ValueError(f"loss_config.constraint_scale must be >= 0, got {loss_config.constraint_scale!r}")
     return loss_config
+
+
+def constraint_factor(step, *, loss_config=None) -> jax.Array:
+    """What the four constraint weights are multiplied by at optimiser step `step` (float32)."""
+    cfg = _check_config(loss_config)
+    factor = jnp.float32(cfg.constraint_scale)
+    if cfg.constraint_ramp_steps:
+        factor = factor * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / cfg.constraint_ramp_steps)
+    return factor
 
 
 def _shape_error(name: str, shape, expected: str) -> ValueError:
@@ -178,8 +204,10 @@ def fingerprint_constraints(fingerprints, *, loss_config=None) -> dict:
     fp = jnp.asarray(fingerprints)
     if fp.ndim != 5 or fp.shape[-1] != 3 or fp.shape[2] != fp.shape[3]:
         raise _shape_error('outputs["fingerprints"]', fp.shape, "[B, T, H, W, 3] with H == W")
-    s = spectral.fingerprint_spectra(fp.reshape((-1,) + fp.shape[2:]),
-                                     lowfreq_half_size=cfg.lowfreq_half_size)
+    half_size = cfg.lowfreq_half_size
+    if cfg.lowfreq_window == "scaled":
+        half_size = spectral.scaled_half_size(fp.shape[2], half_size)
+    s = spectral.fingerprint_spectra(fp.reshape((-1,) + fp.shape[2:]), lowfreq_half_size=half_size)
     return {
         "magnitude": cfg.magnitude_weight * magnitude_loss(gray=s["gray"]),
         "spectrum": cfg.spectrum_weight * spectrum_loss(lowfreq=s["lowfreq"]),
@@ -249,7 +277,7 @@ def prediction_losses(outputs: Mapping, labels: Mapping, class_weights: Mapping,
 
 
 def total_loss(outputs: Mapping, labels: Mapping, class_weights: Mapping, *,
-               loss_config=None) -> tuple[jax.Array, dict]:
+               loss_config=None, step=None) -> tuple[jax.Array, dict]:
     """The training loss of RE-Net and AdaParse.
 
     Args:
@@ -265,6 +293,10 @@ def total_loss(outputs: Mapping, labels: Mapping, class_weights: Mapping, *,
     """
     cfg = _check_config(loss_config)
     terms = fingerprint_constraints(outputs["fingerprints"], loss_config=cfg)
+    if cfg.constraint_scale != 1 or cfg.constraint_ramp_steps:
+        factor = constraint_factor(cfg.constraint_ramp_steps if step is None else step,
+                                   loss_config=cfg)
+        terms = {k: factor * v for k, v in terms.items()}
     if outputs["fingerprints"].shape[0] != outputs["continuous"].shape[0]:
         raise ValueError(f'outputs["fingerprints"] has batch {outputs["fingerprints"].shape[0]} but '
                          f'outputs["continuous"] has {outputs["continuous"].shape[0]}')

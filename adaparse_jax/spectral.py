@@ -45,6 +45,19 @@ def clamped_half_size(height: int, width: int, requested: int = DEFAULT_LOWFREQ_
     return int(min(requested, (height - 1) // 2, (width - 1) // 2))
 
 
+def scaled_half_size(size: int, requested: int = DEFAULT_LOWFREQ_HALF_SIZE,
+                     reference: int = 64) -> int:
+    """The window half-size at the official ratio: n * size / 64, rounded down (12 at 32 px).
+
+    The official n = 25 is set for 64 px inputs (a 51 x 51 window, 51/64 of each side); clamping it
+    at 32 px (`clamped_half_size`: 15) makes the window cover 31 x 31 of 32 x 32 bins, so the
+    high-frequency maximum sees only the Nyquist row and column. Scaling keeps the official ratio.
+    """
+    if size < 1:
+        raise ValueError(f"fingerprints must have a positive size, got {size}")
+    return clamped_half_size(size, size, requested * size // reference)
+
+
 def lowfreq_slices(height: int, width: int, half_size: int) -> tuple[slice, slice]:
     """Row and column slices of the low-frequency window (half size already clamped)."""
     ch, cw = height // 2, width // 2

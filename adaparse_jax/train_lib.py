@@ -133,7 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = models.model_config("adaparse")
     c.loss = losses_lib.default_loss_config()
     c.optimizer = ml_collections.ConfigDict(
-        dict(learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8))
+        dict(learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+             clip_norm=0.0, fen_lr_scale=1.0))
     c.data = ml_collections.ConfigDict(dict(
         dataset="", images="", labels="", variant="auto", generate="", generate_seed=0,
         cache="", prepare=True, prepare_workers=0, num_val=0, val_seed=0,
@@ -366,12 +367,22 @@ class TrainState:
     rng: jax.Array  # base PRNG key; step keys are folded in from `step`
 
 
-def _adam_l2(learning_rate, weight_decay, b1, b2, eps) -> optax.GradientTransformation:
+def _fen_mask(params):
+    """True on the FEN's parameters (`params['fen']`, AdaParse's hypernetwork included)."""
+    return {k: jax.tree.map(lambda _: k == "fen", v) for k, v in params.items()}
+
+
+def _adam_l2(learning_rate, weight_decay, b1, b2, eps, clip_norm=0.0,
+             fen_lr_scale=1.0) -> optax.GradientTransformation:
     parts = []
+    if clip_norm:
+        parts.append(optax.clip_by_global_norm(clip_norm))
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     parts.append(optax.scale_by_learning_rate(learning_rate))
+    if fen_lr_scale != 1:
+        parts.append(optax.masked(optax.scale(fen_lr_scale), _fen_mask))
     return optax.chain(*parts)
 
 
@@ -384,9 +395,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     or a change needs no recompilation.
     """
     opt = config.optimizer
-    return optax.inject_hyperparams(_adam_l2, static_args=("weight_decay", "b1", "b2", "eps"))(
+    return optax.inject_hyperparams(
+        _adam_l2, static_args=("weight_decay", "b1", "b2", "eps", "clip_norm", "fen_lr_scale"))(
         learning_rate=opt.learning_rate, weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2,
-        eps=opt.eps)
+        eps=opt.eps, clip_norm=opt.clip_norm, fen_lr_scale=opt.fen_lr_scale)
 
 
 def learning_rate(opt_state) -> jax.Array:
@@ -473,7 +485,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                 {"params": params, "batch_stats": state.batch_stats}, images, train=True,
                 rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
             total, terms = losses_lib.total_loss(outputs, labels, class_weights,
-                                                 loss_config=loss_config)
+                                                 loss_config=loss_config, step=state.step)
             return total, (terms, updates)
 
         (_, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

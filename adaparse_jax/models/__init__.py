@@ -21,7 +21,9 @@ from adaparse_jax import targets
 from adaparse_jax.models.adaparse import AdaParse, PersonalizedFEN
 from adaparse_jax.models.dncnn import BatchNorm, ConvBNReLU, DnCNN, dncnn_fen
 from adaparse_jax.models.hypernet import FUSIONS, BroadcastedFusion, DualEncoder, InstanceAwareEncoder
-from adaparse_jax.models.parsing import FENParser, ParsingNetwork, head_features
+from adaparse_jax.models.parsing import (
+    FEN_INPUTS, PARSER_INITS, PARSER_INPUT_NORMS, PARSER_POOLS, FENParser, ParsingNetwork,
+    head_features)
 from adaparse_jax.models.renet import RENet
 
 ARCHS = ("adaparse", "renet")
@@ -48,6 +50,11 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       parser_explicit_padding: the parser's padding-2 convolutions as jnp.pad + VALID convolution
         (the same function, fast on XLA:CPU; see parsing.ParsingNetwork) or padding=2 (False).
       dropout: dropout rate before the parser's fc1.
+      fen_input: 'image' (official) | 'highpass' (the FEN reads a fixed high-pass residual).
+      parser_input_norm: 'none' (official) | 'rms' (each fingerprint scaled to unit RMS).
+      parser_pool: 'flatten' (official) | 'global' (spatial mean, std and max per channel).
+      parser_init: 'torch' (official) | 'he' (He-normal kernels, zero biases).
+      (The last four are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
       dtype: compute dtype 'float32' | 'bfloat16' ('float64' with jax_enable_x64, for checks);
       param_dtype: parameter dtype.
     """
@@ -74,6 +81,10 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.parser_fc_features = (512, 256, 64)
     cfg.parser_explicit_padding = True
     cfg.dropout = 0.5
+    cfg.fen_input = "image"
+    cfg.parser_input_norm = "none"
+    cfg.parser_pool = "flatten"
+    cfg.parser_init = "torch"
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
     if size == "tiny":
@@ -106,6 +117,10 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
         fail("arch", f"one of {ARCHS}")
     if cfg.fusion not in FUSIONS:
         fail("fusion", f"one of {FUSIONS}")
+    for field, choices in (("fen_input", FEN_INPUTS), ("parser_input_norm", PARSER_INPUT_NORMS),
+                           ("parser_pool", PARSER_POOLS), ("parser_init", PARSER_INITS)):
+        if cfg[field] not in choices:
+            fail(field, f"one of {choices}")
     for field in ("dtype", "param_dtype"):
         if cfg[field] not in DTYPES:
             fail(field, f"one of {tuple(DTYPES)}")
@@ -144,10 +159,12 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
     _check_config(cfg)
     kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
     parser = ParsingNetwork(tuple(cfg.parser_conv_features), tuple(cfg.parser_fc_features),
-                            float(cfg.dropout), explicit_padding=cfg.parser_explicit_padding, **kw)
+                            float(cfg.dropout), explicit_padding=cfg.parser_explicit_padding,
+                            input_norm=cfg.parser_input_norm, pool=cfg.parser_pool,
+                            init=cfg.parser_init, **kw)
     if cfg.arch == "renet":
         return RENet(fen=dncnn_fen(cfg.width, cfg.depth, **kw), parser=parser,
-                     image_size=cfg.image_size)
+                     image_size=cfg.image_size, fen_input=cfg.fen_input)
     hypernet = DualEncoder(
         num_targets=targets.NUM_HEADS, width=cfg.width,
         stage_features=tuple(cfg.extractor_features), fc_features=tuple(cfg.fc_features),
@@ -156,7 +173,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
         use_hp_code=cfg.use_hp_code, fusion=cfg.fusion, **kw)
     fen = PersonalizedFEN(hypernet=hypernet, width=cfg.width, depth=cfg.depth,
                           source_block=cfg.source_block, inject_block=cfg.inject_block, **kw)
-    return AdaParse(fen=fen, parser=parser, image_size=cfg.image_size)
+    return AdaParse(fen=fen, parser=parser, image_size=cfg.image_size, fen_input=cfg.fen_input)
 
 
 def variable_shapes(cfg: ml_collections.ConfigDict, batch_size: int = 1) -> dict:

@@ -36,16 +36,18 @@ def torch_bias_init(fan_in: int):
 
 def conv3x3(features: int, in_features: int, *, padding: int | str = 1, kaiming: bool = False,
             **kw) -> nn.Conv:
-    """3x3 convolution with bias and torch's initialisation (`kaiming`: kaiming_normal_ kernel)."""
-    return nn.Conv(features, (3, 3), padding=padding,
-                   kernel_init=KAIMING_NORMAL if kaiming else TORCH_DEFAULT_KERNEL,
-                   bias_init=torch_bias_init(9 * in_features), **kw)
+    """3x3 convolution with bias and torch's initialisation (`kaiming`: kaiming_normal_ kernel;
+    `kernel_init` / `bias_init` in `kw` replace them)."""
+    kw = dict(kernel_init=KAIMING_NORMAL if kaiming else TORCH_DEFAULT_KERNEL,
+              bias_init=torch_bias_init(9 * in_features)) | kw
+    return nn.Conv(features, (3, 3), padding=padding, **kw)
 
 
 def dense(features: int, in_features: int, **kw) -> nn.Dense:
-    """Linear layer with torch's default initialisation."""
-    return nn.Dense(features, kernel_init=TORCH_DEFAULT_KERNEL,
-                    bias_init=torch_bias_init(in_features), **kw)
+    """Linear layer with torch's default initialisation (`kernel_init` / `bias_init` in `kw`
+    replace it)."""
+    kw = dict(kernel_init=TORCH_DEFAULT_KERNEL, bias_init=torch_bias_init(in_features)) | kw
+    return nn.Dense(features, **kw)
 
 
 class BatchNorm(nn.Module):

@@ -30,6 +30,41 @@ from adaparse_jax.models.dncnn import conv3x3, dense
 
 Dtype = Any
 
+FEN_INPUTS = ("image", "highpass")
+PARSER_INPUT_NORMS = ("none", "rms")
+PARSER_POOLS = ("flatten", "global")
+PARSER_INITS = ("torch", "he")
+# He-normal kernels and zero biases (`parser_init='he'`): keeps the activations' spread through
+# the parser's 8 layers, where torch's default U(+-1/sqrt(fan_in)) shrinks it by ~sqrt(3) a layer.
+HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# Floor of the per-fingerprint RMS in `parser_input_norm='rms'` (fingerprints start near 1 and
+# the constraints shrink them to ~1e-2; the floor only guards an all-zero fingerprint).
+RMS_FLOOR = 1e-6
+
+
+def highpass(images: jax.Array) -> jax.Array:
+    """x - its 3x3 box mean (edge-replicated borders), per channel: [B, H, W, C] -> same.
+
+    A fixed residual: the content an image shares with its neighbourhood is removed, and the
+    pixel-period traces of up-sampling (energy at and near the Nyquist frequency) pass unchanged.
+    """
+    h, w = images.shape[1:3]
+    pad = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blur = sum(pad[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    return images - blur
+
+
+def rms_normalize(fingerprints: jax.Array) -> jax.Array:
+    """Each fingerprint [..., H, W, C] divided by its root mean square over H, W and C."""
+    x = fingerprints.astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=(-3, -2, -1), keepdims=True) + RMS_FLOOR ** 2)
+    return (x / rms).astype(fingerprints.dtype)
+
+
+def global_pool(x: jax.Array) -> jax.Array:
+    """[N, H, W, C] -> [N, 3C]: spatial mean, standard deviation and maximum of every channel."""
+    return jnp.concatenate([x.mean((1, 2)), x.std((1, 2)), x.max((1, 2))], axis=-1)
+
 
 def head_features(features: jax.Array, target: targets.Target) -> jax.Array:
     """The [B, F] features a head reads from per-fingerprint features [B, T, F] (T = 25 or 1).
@@ -64,21 +99,28 @@ class ParsingNetwork(nn.Module):
     fc_features: tuple[int, ...] = (512, 256, 64)
     dropout_rate: float = 0.5
     explicit_padding: bool = True
+    input_norm: str = "none"
+    pool: str = "flatten"
+    init: str = "torch"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, fingerprints: jax.Array, train: bool = False) -> dict:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.init == "he":
+            kw.update(kernel_init=HE_NORMAL, bias_init=nn.initializers.zeros)
         b, t = fingerprints.shape[:2]
         x = fingerprints.reshape(b * t, *fingerprints.shape[2:]).astype(self.dtype)
+        if self.input_norm == "rms":
+            x = rms_normalize(x)
         for i, f in enumerate(self.conv_features, start=1):
             if self.explicit_padding:
                 x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
             x = nn.relu(conv3x3(f, x.shape[-1], padding="VALID" if self.explicit_padding else 2,
                                 name=f"conv{i}", **kw)(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape(b * t, -1)
+        x = global_pool(x) if self.pool == "global" else x.reshape(b * t, -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         for i, f in enumerate(self.fc_features, start=1):
             x = nn.relu(dense(f, x.shape[-1], name=f"fc{i}", **kw)(x))
@@ -110,18 +152,22 @@ class FENParser(nn.Module):
       fen: images -> fingerprints [B, T, S, S, 3], or [B, S, S, 3] for one fingerprint per image.
       parser: the ParsingNetwork.
       image_size: the input size the model is configured for (checked).
+      fen_input: 'image' (official) | 'highpass': the FEN reads `highpass(images)`, the fixed
+        residual of the normalised image, instead of the image itself.
     """
 
     fen: nn.Module
     parser: ParsingNetwork
     image_size: int = 64
+    fen_input: str = "image"
 
     def __call__(self, images: jax.Array, train: bool = False) -> dict:
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images have shape {tuple(images.shape)}; the model expects "
                              f"[B, {self.image_size}, {self.image_size}, 3] (config field image_size)")
-        fingerprints = self.fen(images, train=train)
+        fingerprints = self.fen(highpass(images) if self.fen_input == "highpass" else images,
+                                train=train)
         if fingerprints.ndim == 4:  # one fingerprint per image (RE-Net)
             fingerprints = fingerprints[:, None]
         return {"fingerprints": fingerprints, **self.parser(fingerprints, train=train)}
