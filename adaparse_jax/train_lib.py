@@ -454,6 +454,23 @@ def _prepare_batch(batch: Mapping[str, jax.Array], label_table: jax.Array):
     return pipeline.normalize(batch["image"]), pipeline.gather_labels(label_table, batch["generator"])
 
 
+def training_loss(model: nn.Module, variables: Mapping, batch: Mapping[str, jax.Array], *,
+                  label_table: jax.Array, class_weights: Mapping[str, jax.Array],
+                  loss_config: ml_collections.ConfigDict, step, dropout_rng: jax.Array):
+    """The loss a training step differentiates, on one batch: `(total, (terms, updates))`.
+
+    BatchNorm in training mode (batch statistics; `updates` holds the new running statistics),
+    dropout from `dropout_rng`, every `losses.total_loss` term at optimiser step `step` (the
+    constraint ramp reads it). `variables` = {'params', 'batch_stats'}.
+    """
+    images, labels = _prepare_batch(batch, label_table)
+    outputs, updates = model.apply(variables, images, train=True, rngs={"dropout": dropout_rng},
+                                   mutable=["batch_stats"])
+    total, terms = losses_lib.total_loss(outputs, labels, class_weights, loss_config=loss_config,
+                                         step=step)
+    return total, (terms, updates)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     label_table: jax.Array, class_weights: Mapping[str, jax.Array],
                     loss_config: ml_collections.ConfigDict, fused_steps: int = 1,
@@ -477,16 +494,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     label_table = jnp.asarray(label_table, jnp.float32)
 
     def one_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        images, labels = _prepare_batch(batch, label_table)
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
-
         def loss_fn(params):
-            outputs, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            total, terms = losses_lib.total_loss(outputs, labels, class_weights,
-                                                 loss_config=loss_config, step=state.step)
-            return total, (terms, updates)
+            return training_loss(model, {"params": params, "batch_stats": state.batch_stats}, batch,
+                                 label_table=label_table, class_weights=class_weights,
+                                 loss_config=loss_config, step=state.step,
+                                 dropout_rng=jax.random.fold_in(state.rng, state.step))
 
         (_, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -1059,5 +1071,5 @@ __all__ = [
     "default_config", "init_state", "learning_rate", "load_config", "load_saved_config",
     "make_eval_step", "make_optimizer", "make_train_step", "param_count", "predict_batches",
     "random_gt_labels", "read_metrics", "resolve_paths", "run_label", "selection_score", "setup_data",
-    "state_shapes", "train_and_evaluate", "validate_config",
+    "state_shapes", "train_and_evaluate", "training_loss", "validate_config",
 ]
