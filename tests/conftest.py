@@ -28,7 +28,8 @@ def shared_dir() -> Path:
 # group, so its module- and session-scoped fixtures (a built zoo, compiled steps) are made once;
 # the modules that read the tiny training runs of train_runs.py share one group, so those runs are
 # trained once.
-TINY_RUNS_MODULES = {"test_train_e2e", "test_eval", "test_scoring", "test_runs", "test_forensics"}
+TINY_RUNS_MODULES = {"test_train_e2e", "test_eval", "test_scoring", "test_runs", "test_forensics",
+                     "test_diagnose"}
 
 
 def pytest_collection_modifyitems(config, items):

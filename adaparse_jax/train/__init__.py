@@ -39,6 +39,7 @@ from adaparse_jax.train.state import (
     predict_batches,
     selection_score,
     state_shapes,
+    training_loss,
     variables_of,
 )
 from adaparse_jax.train.writer import METRICS_JSONL, MetricsWriter, read_metrics
@@ -51,5 +52,5 @@ __all__ = [
     "learning_rate", "load_config", "load_saved_config", "make_eval_step", "make_optimizer",
     "make_train_step", "param_count", "predict_batches", "random_gt_labels", "read_metrics",
     "resolve_paths", "run_label", "selection_score", "setup_data", "state_shapes", "train",
-    "validate_config", "variables_of",
+    "training_loss", "validate_config", "variables_of",
 ]

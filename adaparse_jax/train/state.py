@@ -131,6 +131,25 @@ def param_count(tree) -> int:
     return models.param_count(tree)
 
 
+def training_loss(model: nn.Module, variables: Mapping, batch: Mapping[str, jax.Array], *,
+                  label_table: jax.Array, class_weights: Mapping[str, jax.Array],
+                  loss_config: ml_collections.ConfigDict, step, dropout_rng: jax.Array):
+    """The loss a training step differentiates, on one batch: `(total, (terms, updates))`.
+
+    BatchNorm in training mode (batch statistics; `updates` holds the new running statistics),
+    dropout from `dropout_rng`, every `losses.total_loss` term at optimiser step `step` (the
+    constraint ramp reads it). `variables` = {'params', 'batch_stats'}. The train step and
+    `adaparse_jax.diagnose` both use it.
+    """
+    images = pipeline.normalize(batch["image"])
+    labels = pipeline.gather_labels(label_table, batch["generator"])
+    outputs, updates = model.apply(variables, images, train=True, rngs={"dropout": dropout_rng},
+                                   mutable=["batch_stats"])
+    total, terms = losses_lib.total_loss(outputs, labels, class_weights, loss_config=loss_config,
+                                         step=step)
+    return total, (terms, updates)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     loss_config: ml_collections.ConfigDict, fused_steps: int = 1,
                     unroll: int | bool = 1, donate: bool = True) -> Callable:
@@ -152,17 +171,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     """
 
     def one_step(state: TrainState, batch, label_table, class_weights) -> tuple[TrainState, dict]:
-        images = pipeline.normalize(batch["image"])
-        labels = pipeline.gather_labels(label_table, batch["generator"])
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
-
         def loss_fn(params):
-            outputs, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            total, terms = losses_lib.total_loss(outputs, labels, class_weights,
-                                                 loss_config=loss_config, step=state.step)
-            return total, (terms, updates)
+            return training_loss(model, {"params": params, "batch_stats": state.batch_stats}, batch,
+                                 label_table=label_table, class_weights=class_weights,
+                                 loss_config=loss_config, step=state.step,
+                                 dropout_rng=jax.random.fold_in(state.rng, state.step))
 
         (_, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -35,14 +35,18 @@ def load_images(root: str | os.PathLike, name: str) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
-def spectral_features(u8: np.ndarray) -> np.ndarray:
-    """[N, S, S, 3] uint8 (S divisible by 4) -> [N, F] float: the log amplitude spectrum of the gray
+def spectral_features(images: np.ndarray) -> np.ndarray:
+    """[N, S, S, 3] (S divisible by 4) -> [N, F] float: the log amplitude spectrum of the gray
     high-pass residual (image minus its 3x3 mean; the non-redundant quarter of the plane) and the
-    mean absolute residual at each position modulo 2 and 4 (periodic up-sampling patterns)."""
-    n, size = len(u8), u8.shape[1]
-    if u8.ndim != 4 or u8.shape[2] != size or size % 4:
-        raise ValueError(f"expected [N, S, S, 3] images with S divisible by 4, got {u8.shape}")
-    gray = u8.astype(np.float32).mean(-1) / 255.0
+    mean absolute residual at each position modulo 2 and 4 (periodic up-sampling patterns).
+
+    uint8 images are read as pixels / 255; float arrays (e.g. fingerprints) as they are."""
+    n, size = len(images), images.shape[1]
+    if images.ndim != 4 or images.shape[2] != size or images.shape[3] != 3 or size % 4:
+        raise ValueError(f"expected [N, S, S, 3] images with S divisible by 4, got {images.shape}")
+    gray = images.astype(np.float32).mean(-1)
+    if images.dtype == np.uint8:
+        gray /= 255.0
     pad = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="reflect")
     residual = gray - sum(pad[:, i: i + size, j: j + size] for i in range(3) for j in range(3)) / 9.0
     half = size // 2 + 1
