@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from adaparse_jax import targets
+from adaparse_jax.models import conv_ops
 from adaparse_jax.models.adaparse import AdaParse, PersonalizedFEN
 from adaparse_jax.models.dncnn import BatchNorm, ConvBNReLU, DnCNN, dncnn_fen
 from adaparse_jax.models.hypernet import FUSIONS, BroadcastedFusion, DualEncoder, InstanceAwareEncoder
@@ -48,6 +49,9 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       parser_explicit_padding: the parser's padding-2 convolutions as jnp.pad + VALID convolution
         (the same function, fast on XLA:CPU; see parsing.ParsingNetwork) or padding=2 (False).
       dropout: dropout rate before the parser's fc1.
+      conv_impl: how the DnCNN's convolutions are computed, the same function either way
+        (`conv_ops.CONV_IMPLS`): 'auto' (default: 'weight_dots' on a CPU backend, where XLA's
+        weight gradients of convolutions are slow, 'xla' elsewhere), 'xla', 'weight_dots'.
       dtype: compute dtype 'float32' | 'bfloat16' ('float64' with jax_enable_x64, for checks);
       param_dtype: parameter dtype.
     """
@@ -74,6 +78,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.parser_fc_features = (512, 256, 64)
     cfg.parser_explicit_padding = True
     cfg.dropout = 0.5
+    cfg.conv_impl = "auto"
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
     if size == "tiny":
@@ -104,6 +109,8 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
 
     if cfg.arch not in ARCHS:
         fail("arch", f"one of {ARCHS}")
+    if cfg.conv_impl not in conv_ops.CONV_IMPLS:
+        fail("conv_impl", f"one of {conv_ops.CONV_IMPLS}")
     if cfg.fusion not in FUSIONS:
         fail("fusion", f"one of {FUSIONS}")
     for field in ("dtype", "param_dtype"):
@@ -146,7 +153,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
     parser = ParsingNetwork(tuple(cfg.parser_conv_features), tuple(cfg.parser_fc_features),
                             float(cfg.dropout), explicit_padding=cfg.parser_explicit_padding, **kw)
     if cfg.arch == "renet":
-        return RENet(fen=dncnn_fen(cfg.width, cfg.depth, **kw), parser=parser,
+        return RENet(fen=dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, **kw), parser=parser,
                      image_size=cfg.image_size)
     hypernet = DualEncoder(
         num_targets=targets.NUM_HEADS, width=cfg.width,
@@ -155,7 +162,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
         use_instance_code=cfg.use_instance_code, use_base_code=cfg.use_base_code,
         use_hp_code=cfg.use_hp_code, fusion=cfg.fusion, **kw)
     fen = PersonalizedFEN(hypernet=hypernet, width=cfg.width, depth=cfg.depth,
-                          source_block=cfg.source_block, inject_block=cfg.inject_block, **kw)
+                          source_block=cfg.source_block, inject_block=cfg.inject_block,
+                          conv_impl=cfg.conv_impl, **kw)
     return AdaParse(fen=fen, parser=parser, image_size=cfg.image_size)
 
 
