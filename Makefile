@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(PY) -m adaparse_jax.demo

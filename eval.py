@@ -29,19 +29,25 @@ def _images_per_generator(text: str) -> list[int | None]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (hyphenated flags; the underscore spellings of earlier versions are aliases)."""
     p = argparse.ArgumentParser(prog="python eval.py", description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", nargs="+", action="extend", required=True,
                    help="training workdirs or glob patterns (repeatable)")
     p.add_argument("--out", required=True, help="output directory for tables.md, results.json, PNGs")
-    p.add_argument("--images_per_generator", type=_images_per_generator, default=[1, 10, 100, None],
+    p.add_argument("--images-per-generator", "--images_per_generator", dest="images_per_generator",
+                   type=_images_per_generator, default=[1, 10, 100, None],
                    help="N of the per-generator rows, comma-separated (default 1,10,100,all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-generator image draws")
-    p.add_argument("--no_reuse", action="store_true",
+    p.add_argument("--no-reuse", "--no_reuse", dest="no_reuse", action="store_true",
                    help="predict again even where a workdir holds predictions of the same checkpoint")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     from adaparse_jax import evaluation, reporting
 

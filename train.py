@@ -6,7 +6,9 @@
 Overrides: any config field, `--config.<field>=<value>` (e.g. --config.model.fusion=add,
 --config.random_gt=True); an unknown field is an error that lists the valid ones. Rerunning the
 same command in the same workdir resumes from its last checkpoint. Everything else lives in
-`adaparse_jax.train_lib.train_and_evaluate`.
+`adaparse_jax.train` (the training loop, `train.train`) and `adaparse_jax.evaluation.evaluate_run` (the
+selected checkpoint on the split's test generators, when training finished and
+config.eval_at_end).
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ def _config_path(argv: list[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with unknown config fields reported as a clear error (exit code 2)."""
-    from adaparse_jax import train_lib
+    from adaparse_jax import train as training
 
     path = _config_path(argv)
     try:
         if path is not None:
-            train_lib.check_overrides(train_lib.load_config(path), argv[1:])
+            training.check_overrides(training.load_config(path), argv[1:])
         rest = FLAGS(argv)
-    except (train_lib.ConfigError, flags.Error) as e:
+    except (training.ConfigError, flags.Error) as e:
         print(f"error: {e}\nusage: python train.py --config CONFIG.py --workdir DIR "
               "[--config.<field>=<value> ...]", file=sys.stderr)
         sys.exit(2)
@@ -59,7 +61,8 @@ def main(argv: list[str]) -> None:
 
     from absl import logging as absl_logging
 
-    from adaparse_jax import checkpointing, train_lib
+    from adaparse_jax import checkpointing, evaluation
+    from adaparse_jax import train as training
 
     # This program's own progress at INFO; the libraries' (Orbax, grain) from WARNING up.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -70,21 +73,20 @@ def main(argv: list[str]) -> None:
     ours.addHandler(handler)
     ours.propagate = False
     try:
-        summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (train_lib.ConfigError, checkpointing.CheckpointMismatchError) as e:
+        summary = training.train(FLAGS.config, FLAGS.workdir)
+    except (training.ConfigError, checkpointing.CheckpointMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except train_lib.NonFiniteLossError as e:
+    except training.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     state = "finished" if summary["finished"] else "stopped"
     print(f"{summary['label']}: {state} at step {summary['step']} of {summary['total_steps']} "
           f"in {summary['workdir']}")
-    if "test_metrics" in summary:
-        from adaparse_jax import evaluation
-
-        print(f"test generators, checkpoint step {summary['selected_step']} ({summary['selection']}): "
-              + evaluation.headline(summary["test_metrics"]))
+    if summary["finished"] and FLAGS.config.eval_at_end:
+        result = evaluation.evaluate_run(summary["workdir"])
+        print(f"test generators, checkpoint step {result['step']} ({result['selection']}): "
+              + evaluation.headline(result["metrics"]))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from adaparse_jax import atomic
 
 CHECKPOINTS = "checkpoints"
 SELECTION = "selection.json"
@@ -147,7 +148,11 @@ class Checkpointer:
         )
 
     def check_compatible(self, step: int, abstract_state, model_config: Mapping | None) -> None:
-        """Raise CheckpointMismatchError if checkpoint `step` was written for another model."""
+        """Raise CheckpointMismatchError if checkpoint `step` was written for another model.
+
+        `abstract_state`: a TrainState of ShapeDtypeStructs (every array is compared) or a
+        variables dict {'params', 'batch_stats'} (only those are compared).
+        """
         where = f"checkpoint step {step} in {self.directory}"
         if model_config is not None:
             saved = self.meta(step).get("model")
@@ -161,8 +166,10 @@ class Checkpointer:
         saved_shapes = {_path_str(p): tuple(m.shape) for p, m in
                         jax.tree_util.tree_flatten_with_path(
                             metadata, is_leaf=lambda x: hasattr(x, "shape"))[0] if hasattr(m, "shape")}
-        wanted = {_path_str(p): tuple(x.shape) for p, x in
-                  jax.tree_util.tree_flatten_with_path(_abstract_tree(abstract_state))[0]}
+        tree = abstract_state if isinstance(abstract_state, Mapping) else _abstract_tree(abstract_state)
+        wanted = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        if isinstance(abstract_state, Mapping):  # variables only: the other saved arrays do not count
+            saved_shapes = {p: s for p, s in saved_shapes.items() if p.split("/")[0] in tree}
         problems = []
         order = ("params/", "batch_stats/", "step", "rng", "opt_state/")  # the telling ones first
         for path in sorted(set(saved_shapes) | set(wanted),
@@ -178,25 +185,50 @@ class Checkpointer:
                 "differ):\n  " + "\n  ".join(shown)
                 + "\nuse another --workdir, or the model config the checkpoint was trained with")
 
-    def restore(self, abstract_state, step: int | None = None, *,
-                model_config: Mapping | None = None,
-                sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict, dict]:
-        """(TrainState, loader state, meta) of checkpoint `step` (default: the latest).
-
-        Args:
-          abstract_state: TrainState of ShapeDtypeStructs (`train_lib.state_shapes`): the structure
-            and shapes to restore into.
-          model_config: the model config being built; compared with the one the checkpoint records.
-          sharding: where every array goes, e.g. `parallel.replicated(mesh)` for a data-parallel
-            run; default: the first device. (Never the devices the checkpoint was saved from, which
-            Orbax would otherwise use: a run saved on 8 devices could not be read on 1.)
-        """
+    def _check_step(self, step: int | None) -> int:
         if step is None:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if step not in self.steps():
             raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}; steps: {self.steps()}")
+        return step
+
+    def restore_variables(self, abstract_variables: Mapping, step: int | None = None, *,
+                          model_config: Mapping | None = None,
+                          sharding: jax.sharding.Sharding | None = None) -> dict:
+        """{'params', 'batch_stats'} of checkpoint `step` (default: the latest), nothing else read.
+
+        An Orbax partial restore: the optimiser state, step and PRNG key stay on disk, so a run
+        restores for inference whatever optimiser it was trained with.
+        """
+        step = self._check_step(step)
+        wanted = {k: abstract_variables[k] for k in ("params", "batch_stats")}
+        self.check_compatible(step, wanted, model_config)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), wanted)
+        # The manager's handler for 'state' restores whole trees only; the PyTree handler reads the
+        # same files and supports a partial target.
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            out = reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        return {k: out[k] for k in wanted}
+
+    def restore(self, abstract_state, step: int | None = None, *,
+                model_config: Mapping | None = None,
+                sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict, dict]:
+        """(TrainState, loader state, meta) of checkpoint `step` (default: the latest).
+
+        Args:
+          abstract_state: TrainState of ShapeDtypeStructs (`training.state_shapes`): the structure
+            and shapes to restore into.
+          model_config: the model config being built; compared with the one the checkpoint records.
+          sharding: where every array goes, e.g. `parallel.replicated(mesh)` for a data-parallel
+            run; default: the first device. (Never the devices the checkpoint was saved from, which
+            Orbax would otherwise use: a run saved on 8 devices could not be read on 1.)
+        """
+        step = self._check_step(step)
         self.check_compatible(step, abstract_state, model_config)
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -238,10 +270,7 @@ class Checkpointer:
 
 def write_selection(workdir: str | Path, record: Mapping) -> None:
     """Atomically write `<workdir>/selection.json` (the validation history and the best step)."""
-    path = Path(workdir) / SELECTION
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(record), indent=1))
-    tmp.replace(path)
+    atomic.write_json(Path(workdir) / SELECTION, dict(record))
 
 
 def read_selection(workdir: str | Path) -> dict | None:

@@ -22,6 +22,9 @@ raise one ValueError that lists them all.
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import pickletools
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -273,23 +276,79 @@ def to_torch(variables: Mapping, plan: list[Entry]) -> dict[str, np.ndarray]:
     return out
 
 
+# What the pickle of an official checkpoint (a torch.save of state dicts) may import: tensors and
+# their storages, ordered dicts. Anything else (os.system, builtins.eval, ...) is code to run.
+_SAFE_PICKLE_MODULES = ("collections", "torch", "numpy")
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle of a torch.save file: `<name>/data.pkl` of the zip format, or the whole legacy file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not names:
+                raise ValueError(f"{path}: a zip file without data.pkl is not a torch checkpoint")
+            return z.read(names[0])
+    return path.read_bytes()
+
+
+def check_pickle_imports(path: str | Path) -> None:
+    """Raise UnsafeCheckpointError if the checkpoint's pickle imports anything but tensors and dicts.
+
+    Reads the opcodes only (`pickletools`), never unpickles: works without torch.
+    """
+    path = Path(path)
+    data = _pickle_bytes(path)
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST"):
+                module, name = arg.split(" ", 1)
+            elif op.name == "STACK_GLOBAL":
+                module, name = (strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?")
+            else:
+                continue
+            if module.split(".")[0] not in _SAFE_PICKLE_MODULES:
+                raise UnsafeCheckpointError(
+                    f"refusing to open {path}: its pickle imports {module}.{name}, which would run "
+                    "code; official checkpoints hold only tensors (torch.load weights_only=True)")
+    except (ValueError, IndexError) as e:
+        if isinstance(e, UnsafeCheckpointError):
+            raise
+        raise ValueError(f"{path}: not a readable pickle ({e})") from e
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose pickle would import (and so could run) arbitrary code."""
+
+
 def load_official_checkpoint(path: str | Path, arch: str = "adaparse",
                              cfg: ml_collections.ConfigDict | None = None) -> dict:
     """Read an official `.pickle` checkpoint (torch.save of {'state_dict_cnn', 'state_dict_class'}).
 
     AdaParse: returns the full model variables. RE-Net: returns the FEN's variables only (the
     official RE-Net parser has another head layout; see the module docstring).
+    Opened with `torch.load(weights_only=True)` after `check_pickle_imports`: a file whose pickle
+    would run code is refused (UnsafeCheckpointError), with or without torch installed.
     Needs torch (`pip install -e .[torch]`), imported only here.
     """
+    path = Path(path)
+    if path.is_file():
+        check_pickle_imports(path)  # before anything else, torch or not
     try:
         import torch
     except ImportError as e:
         raise ImportError("reading official .pickle checkpoints needs PyTorch: "
                           "pip install -e .[torch]") from e
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"refusing to open {path}: torch.load(weights_only=True) "
+                                    f"rejected it ({str(e).splitlines()[0]})") from e
     for key in ("state_dict_cnn",) + (("state_dict_class",) if arch == "adaparse" else ()):
         if key not in ckpt:
             raise ValueError(f"{path}: no {key!r} in the checkpoint (keys: {sorted(ckpt)})")

@@ -5,7 +5,7 @@ fold, and print the held-out tables with honest scoring.
     python -m adaparse_jax.demo --config configs/demo.py --config.workdir=runs/demo2
 
 What runs, where it goes and what the output means: configs/demo.py's docstring. The pieces are
-library calls: `zoo.build_zoo` (the zoo), `train_lib.train_and_evaluate` (one run per method, fold
+library calls: `zoo.build_zoo` (the zoo), `training.train` (one run per method, fold
 and Random-G.T. seed, each in its own workdir, resumable), `evaluation.evaluate` (the papers'
 per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out scores, p-values).
 """
@@ -13,7 +13,6 @@ per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out s
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import logging
@@ -21,12 +20,17 @@ import multiprocessing
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+from adaparse_jax import demo_config, evaluation, reporting, scoring, zoo
+from adaparse_jax import train as training
+from adaparse_jax.data import re116
+from adaparse_jax.zoo import build as zoo_build
+
+DEFAULT_CONFIG = Path(demo_config.__file__)  # configs/demo.py re-exports it
 ZOO_DIR, CACHE_DIR, RUNS_DIR, RESULTS_DIR, XLA_CACHE_DIR = "zoo", "cache", "runs", "results", "xla_cache"
 log = logging.getLogger("adaparse_jax.demo")
 
@@ -42,39 +46,10 @@ class Run:
 
     @property
     def name(self) -> str:
-        from adaparse_jax import train_lib
-
         c = ml_collections.ConfigDict({"label": "", "random_gt": self.random_gt_seed is not None,
                                        "model": {"arch": self.arch}})
         seed = "" if self.random_gt_seed is None else f" seed {self.random_gt_seed}"
-        return f"{train_lib.run_label(c)}{seed}, fold {self.fold}"
-
-
-@contextlib.contextmanager
-def shared_compilation(cache_dir: Path) -> Iterator[None]:
-    """A persistent compilation cache that every run of the demo shares (restored on exit).
-
-    The runs differ only in their label table and class weights; hoisting closed-over arrays out
-    of the compiled programs (instead of embedding them as constants) makes those programs
-    identical, so all folds and methods after the first of each model reuse its compiled steps.
-    """
-    import jax
-
-    wanted = {"jax_compilation_cache_dir": str(cache_dir),
-              "jax_use_simplified_jaxpr_constants": True,
-              "jax_embedded_constants_max_bytes": 0}
-    saved = {}
-    for name, value in wanted.items():
-        if name not in jax.config.values:  # a JAX without the flag: only slower
-            log.info("JAX has no %s; each run compiles its own steps", name)
-            continue
-        saved[name] = jax.config.values[name]
-        jax.config.update(name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            jax.config.update(name, value)
+        return f"{training.run_label(c)}{seed}, fold {self.fold}"
 
 
 def zoo_dir(config: ml_collections.ConfigDict) -> Path:
@@ -88,9 +63,6 @@ def build_zoo(config: ml_collections.ConfigDict, *, progress: bool = True) -> di
     rebuilt, unless config.zoo.keep_existing: then it is used as it is, with a warning naming both
     settings hashes (for long benchmarks whose zoo took hours; the report records the hash).
     """
-    from adaparse_jax import zoo
-    from adaparse_jax.zoo import build as zoo_build
-
     z = config.zoo
     overrides = {k: int(z[k]) for k in ("generators", "images") if z.get(k)}  # 0: the size's own
     zoo_config = zoo.zoo_config(z.size, seed=z.seed, trained=z.trained, **overrides)
@@ -109,8 +81,6 @@ def build_zoo(config: ml_collections.ConfigDict, *, progress: bool = True) -> di
 
 def folds_of(config: ml_collections.ConfigDict) -> list[str]:
     """The folds to run: config.folds, or every test split of the zoo."""
-    from adaparse_jax.data import re116
-
     available = list(re116.load_dataset(zoo_dir(config)).test_splits)
     folds = [str(f) for f in config.folds] or available
     unknown = [f for f in folds if f not in available]
@@ -131,7 +101,7 @@ def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
 
 
 def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
-    """The `train_lib` config of one run: config.train with the run's architecture, fold, labels
+    """The `adaparse_jax.train` config of one run: config.train with the run's architecture, fold, labels
     and the demo's shared zoo, cache and compilation cache."""
     workdir = Path(config.workdir).resolve()
     t = ml_collections.ConfigDict(config.train.to_dict())
@@ -176,19 +146,19 @@ def _train_in_worker(config_dict: dict, run: Run) -> dict:
     """One run in a worker process (single-threaded XLA, see `train_runs`)."""
     config = ml_collections.ConfigDict(config_dict)
     logging.getLogger("adaparse_jax").setLevel(logging.INFO)  # the run's train.log, as in-process
-    with shared_compilation(Path(config.workdir).resolve() / XLA_CACHE_DIR):
-        return _train_one(config, run, progress=False)
+    return _train_one(config, run, progress=False)
 
 
 def _train_one(config: ml_collections.ConfigDict, run: Run, *, progress: bool) -> dict:
-    from adaparse_jax import train_lib
-
     t0 = time.perf_counter()
     tc = train_config(config, run)
     tc.progress = progress
-    summary = train_lib.train_and_evaluate(tc, run.workdir)
+    summary = training.train(tc, run.workdir)
+    if summary["finished"] and tc.eval_at_end:
+        result = evaluation.evaluate_run(run.workdir)
+        summary.update(selected_step=result["step"], selection=result["selection"])
     return {"run": run.name, "workdir": str(run.workdir), "wall_s": time.perf_counter() - t0,
-            **{k: summary.get(k) for k in ("step", "selected_step", "selection")}}
+            **{k: summary.get(k) for k in ("step", "selected_step", "selection", "compile_s")}}
 
 
 def _cost_order(runs: Sequence[Run]) -> list[int]:
@@ -205,8 +175,6 @@ def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progre
     delivered 1.4x the images per second of one process using both cores (demo AdaParse, batch 16:
     2 x 17.0 vs 24.0 img/s). Every process shares the demo's persistent compilation cache.
     """
-    from adaparse_jax.zoo import build as zoo_build
-
     summaries: list[dict | None] = [None] * len(runs)
 
     def done(i: int, summary: dict) -> None:
@@ -241,15 +209,13 @@ def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progre
 def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> dict:
     """The papers' per-fold tables (`evaluation.evaluate`, first Random-G.T. seed) and the honest
     scores of all runs (`scoring.score_runs`), with their files in `out`."""
-    from adaparse_jax import evaluation, scoring
-
     first_seed = set(config.random_gt_seeds[:1])
     per_fold = [r.workdir for r in runs if r.random_gt_seed is None or r.random_gt_seed in first_seed]
     papers = evaluation.evaluate(per_fold, out)
     report = scoring.score_runs([r.workdir for r in runs], n_resamples=config.n_resamples)
-    files = {**papers["files"], **scoring.write_report(report, out)}
+    files = {**papers["files"], **reporting.write_scores(report, out)}
     if config.plots:
-        files["scores_plot"] = str(scoring.plot_scores(report, out / "scores.png"))
+        files["scores_plot"] = str(reporting.plot_scores(report, out / "scores.png"))
     labels = {m["label"] for m in report["methods"]}
     goals = {m["label"]: scoring.goal(report, m["label"]) for m in report["methods"]
              if not m["random_gt"] and f"{scoring.RANDOM_GT_PREFIX} ({m['label']})" in labels}
@@ -260,39 +226,36 @@ def run_demo(config: ml_collections.ConfigDict, *, progress: bool = True,
              echo: Callable[[str], None] = print) -> dict:
     """The whole demo (see the module docstring). Returns the scoring report, the goal checks,
     the file paths and the timings (also written to <workdir>/results/demo.json)."""
-    from adaparse_jax import scoring, train_lib
-
     workdir = Path(config.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    with shared_compilation(workdir / XLA_CACHE_DIR):
-        start = timer.now()
-        echo(f"[demo] zoo: {config.zoo.size} size, seed {config.zoo.seed}, in {zoo_dir(config)}")
-        manifest = build_zoo(config, progress=progress)
-        timer.phase("zoo", start)
-        echo(f"[demo] zoo ready: {manifest['num_generators']} generators x "
-             f"{manifest['images_per_generator']} images ({_minutes(timer.phases['zoo']['wall_s'])})")
-        runs = plan(config, folds_of(config))
-        start = timer.now()
-        # Decode the zoo into the cache here, once, before runs (maybe in parallel) read it.
-        train_lib.setup_data(train_config(config, runs[0]), progress=progress)
-        timer.phase("prepare", start)
-        start = timer.now()
-        summaries = train_runs(config, runs, progress=progress, echo=echo)
-        timer.phase("train", start)
-        start = timer.now()
-        results = workdir / RESULTS_DIR
-        out = score(config, runs, results)
-        timer.phase("score", start)
+    start = timer.now()
+    echo(f"[demo] zoo: {config.zoo.size} size, seed {config.zoo.seed}, in {zoo_dir(config)}")
+    manifest = build_zoo(config, progress=progress)
+    timer.phase("zoo", start)
+    echo(f"[demo] zoo ready: {manifest['num_generators']} generators x "
+         f"{manifest['images_per_generator']} images ({_minutes(timer.phases['zoo']['wall_s'])})")
+    runs = plan(config, folds_of(config))
+    start = timer.now()
+    # Decode the zoo into the cache here, once, before runs (maybe in parallel) read it.
+    training.setup_data(train_config(config, runs[0]), progress=progress)
+    timer.phase("prepare", start)
+    start = timer.now()
+    summaries = train_runs(config, runs, progress=progress, echo=echo)
+    timer.phase("train", start)
+    start = timer.now()
+    results = workdir / RESULTS_DIR
+    out = score(config, runs, results)
+    timer.phase("score", start)
     out["timings"] = {"phases": timer.phases, "total": timer.total(), "runs": summaries}
     out["config"] = config.to_dict()
     out["zoo"] = {"directory": str(zoo_dir(config)), "settings_hash": manifest.get("settings_hash")}
     (results / "demo.json").write_text(json.dumps(out, indent=1, default=str))
 
     echo("")
-    echo(scoring.markdown(out["report"]))
+    echo(reporting.scores_markdown(out["report"]))
     for g in out["goals"].values():
-        echo(scoring.goal_markdown(g))
+        echo(reporting.goal_markdown(g))
         echo("")
     t = out["timings"]["total"]
     echo(f"[demo] total {_minutes(t['wall_s'])} wall, {_minutes(t['cpu_s'])} CPU ("
@@ -304,18 +267,17 @@ def run_demo(config: ml_collections.ConfigDict, *, progress: bool = True,
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    from adaparse_jax import train_lib
-
     p = argparse.ArgumentParser(prog="python -m adaparse_jax.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default configs/demo.py)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="config file (default: adaparse_jax/demo_config.py, = configs/demo.py)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         p.error(f"unknown arguments {bad}; overrides look like --config.workdir=runs/demo2")
     try:
-        config = train_lib.load_config(args.config, overrides)
-    except train_lib.ConfigError as e:
+        config = training.load_config(args.config, overrides)
+    except training.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The demo's own progress at INFO, the libraries' (Orbax, grain, absl) from WARNING up.

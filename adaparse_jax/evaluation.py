@@ -17,7 +17,7 @@ Each workdir is one split of one method. `evaluate_run(workdir)`:
   with true labels;
 - counts the confusion matrices of the discrete targets.
 
-`evaluate(workdirs, out)` groups the runs by label (`train_lib.run_label`: AdaParse, RE-Net,
+`evaluate(workdirs, out)` groups the runs by label (`runs.run_label`: AdaParse, RE-Net,
 Random G.T. (...) or config.label), takes mean and standard deviation over the splits of each, and
 writes `out/tables.md`, `out/results.json` and `out/confusion_<label>.png` (`reporting`).
 
@@ -28,7 +28,6 @@ permuted).
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,11 +35,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from adaparse_jax import checkpointing, metrics as metrics_lib, targets
+from adaparse_jax import atomic, checkpointing, reporting, runs, targets
+from adaparse_jax import metrics as metrics_lib
+from adaparse_jax.data import pipeline
+from adaparse_jax.runs import BASELINE_LABEL, load_saved_config, method_rank, run_label
+from adaparse_jax.train.data import load_split, setup_data
+from adaparse_jax.train.state import predict_batches
 
 EVAL_DIR = "eval"
 DEFAULT_IMAGES_PER_GENERATOR = metrics_lib.DEFAULT_IMAGES_PER_GENERATOR
-BASELINE_LABEL = "Mean/mode baseline"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,9 +64,7 @@ def save_predictions(path: str | Path, predictions: Mapping, *, generator_names:
         arrays[f"prob_{t.name}"] = np.asarray(predictions[f"prob/{t.name}"], np.float32)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    atomic.write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_predictions(path: str | Path) -> dict:
@@ -115,13 +116,9 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
     'confusion', 'predictions' (the .npz path) and the generator lists; also written as
     `<workdir>/eval/test_metrics_step<S>.json`.
     """
-    from adaparse_jax import models, train_lib
-    from adaparse_jax.data import pipeline
-
     workdir = Path(workdir).resolve()
-    config = train_lib.load_saved_config(workdir)
-    run = train_lib.setup_data(config)
-    dataset, split = run.dataset, run.split
+    config = load_saved_config(workdir)
+    dataset, split = load_split(config)  # the cache is read only when predicting
     if step is None:
         step, why = checkpointing.selected_step(workdir)
     else:
@@ -130,18 +127,13 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
     if reuse and pred_path.is_file():
         preds = load_predictions(pred_path)
     else:
-        model = models.build_model(config.model)
-        tx = train_lib.make_optimizer(config)
-        size = config.model.image_size
-        abstract = train_lib.state_shapes(model, tx, (size, size, 3))
-        with checkpointing.Checkpointer(workdir / checkpointing.CHECKPOINTS,
-                                        keep=config.keep_checkpoints,
-                                        best_mode=config.selection_mode) as ckpt:
-            state, _, _ = ckpt.restore(abstract, step, model_config=config.model.to_dict())
-        eval_step = eval_step or train_lib.make_eval_step(model)
+        restored = runs.load(workdir, step)
+        eval_step = eval_step or restored.eval_step
+        run = setup_data(config)
         with pipeline.Loader(run.cache, split.test, batch_size=config.data.eval_batch_size,
                              train=False, mode=config.data.loader, names=dataset.names) as loader:
-            preds = train_lib.predict_batches(eval_step, state, loader, config.data.eval_batch_size)
+            preds = predict_batches(eval_step, restored.variables, loader,
+                                              config.data.eval_batch_size)
             source_paths = [run.cache.paths[i] for i in loader.records]
         preds["label_rows"] = dataset.labels[preds["generator"]]
         save_predictions(pred_path, preds, generator_names=dataset.names, paths=source_paths)
@@ -155,7 +147,7 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
                                                   images_per_generator=images_per_generator, seed=seed)
     result = {
         "workdir": str(workdir),
-        "label": train_lib.run_label(config),
+        "label": run_label(config),
         "arch": config.model.arch,
         "random_gt": bool(config.random_gt),
         "dataset": dataset.name,
@@ -174,7 +166,7 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
         "predictions": str(pred_path),
     }
     out = workdir / EVAL_DIR / f"test_metrics_step{step}.json"
-    out.write_text(json.dumps(result, indent=1))
+    atomic.write_json(out, result)
     return result
 
 
@@ -211,14 +203,6 @@ def _sum_confusion(items: Sequence[Mapping[str, list]]) -> dict:
     return {name: np.sum([np.asarray(c[name]) for c in items], axis=0).tolist() for name in items[0]}
 
 
-_METHOD_ORDER = ("AdaParse", "RE-Net", "Random G.T. (AdaParse)", "Random G.T. (RE-Net)")
-
-
-def _method_rank(label: str) -> int:
-    """The papers' row order first (AdaParse, RE-Net, Random G.T.), other labels after, as given."""
-    return _METHOD_ORDER.index(label) if label in _METHOD_ORDER else len(_METHOD_ORDER)
-
-
 def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
              images_per_generator: Sequence[int | None] = DEFAULT_IMAGES_PER_GENERATOR,
              seed: int = 0, reuse: bool = True) -> dict:
@@ -233,8 +217,6 @@ def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     metrics, mean, std, summed confusion counts) and 'baseline' (the mean/mode baseline of the same
     splits), as also written to results.json.
     """
-    from adaparse_jax import reporting
-
     results = [evaluate_run(d, images_per_generator=images_per_generator, seed=seed, reuse=reuse)
                for d in expand_workdirs(workdirs)]
     methods: dict[str, dict] = {}
@@ -252,13 +234,20 @@ def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
         if prev is not None and prev["test_generators"] != r["test_generators"]:
             raise ValueError(f"runs of split {r['split']} of {r['dataset']} test different generators")
         baseline_splits.setdefault(key, r)
+    several = len({r["dataset"] for r in results}) > 1
+
+    def split_key(r: Mapping) -> str:
+        """A run's split, named with its dataset when the report spans several (as duplicates are
+        found): two datasets' split 1 are two entries, never one overwriting the other."""
+        return f"{r['dataset']}/{r['split']}" if several else r["split"]
+
     report_methods = []
-    for m in sorted(methods.values(), key=lambda m: _method_rank(m["label"])):
-        per_split = {r["split"]: r["metrics"] for r in m["runs"]}
+    for m in sorted(methods.values(), key=lambda m: method_rank(m["label"])):
+        per_split = {split_key(r): r["metrics"] for r in m["runs"]}
         mean, std = _aggregate(per_split)
         report_methods.append({
             "label": m["label"],
-            "splits": [r["split"] for r in m["runs"]],
+            "splits": [split_key(r) for r in m["runs"]],
             "workdirs": [r["workdir"] for r in m["runs"]],
             "steps": [r["step"] for r in m["runs"]],
             "selection": [r["selection"] for r in m["runs"]],
@@ -270,7 +259,7 @@ def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
             "predictions": [r["predictions"] for r in m["runs"]],
         })
     base_runs = list(baseline_splits.values())
-    base_per_split = {r["split"]: r["baseline_metrics"] for r in base_runs}
+    base_per_split = {split_key(r): r["baseline_metrics"] for r in base_runs}
     base_mean, base_std = _aggregate(base_per_split)
     report = {
         "datasets": sorted({r["dataset"] for r in results}),
@@ -280,7 +269,7 @@ def evaluate(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
         "methods": report_methods,
         "baseline": {
             "label": BASELINE_LABEL,
-            "splits": [r["split"] for r in base_runs],
+            "splits": [split_key(r) for r in base_runs],
             "fit_on": "training generators of each split (train + validation), true labels",
             "per_split": base_per_split,
             "mean": base_mean,

@@ -108,6 +108,13 @@ def score(predictions: Mapping, label_rows) -> dict[str, float]:
     return out
 
 
+def metric_names() -> list[str]:
+    """The names `score` returns (from a one-row call, so the list cannot drift from `score`)."""
+    preds = {targets.CONTINUOUS: np.zeros((1, len(targets.CONTINUOUS_TARGETS)), np.float32),
+             **{t.name: np.zeros(1, np.int32) for t in targets.CLASSIFICATION_TARGETS}}
+    return list(score(preds, np.zeros((1, targets.NUM_LABEL_COLUMNS), np.float32)))
+
+
 def majority_vote(class_ids, num_classes: int) -> int:
     """Most frequent class id; ties go to the smallest id."""
     counts = np.bincount(np.asarray(class_ids, np.int64), minlength=num_classes)
@@ -196,7 +203,8 @@ def compute_metrics(predictions: Mapping, label_rows, generators=None, *,
     out["num_generators"] = float(len(ids))
     for n in images_per_generator:
         agg, agg_ids = aggregate_by_generator(predictions, generators, num_images=n, seed=seed)
-        assert np.array_equal(agg_ids, ids)
+        if not np.array_equal(agg_ids, ids):  # an internal invariant, kept under python -O
+            raise RuntimeError(f"per-generator aggregation returned generators {agg_ids}, expected {ids}")
         prefix = "generator_all" if n is None else f"generator_n{n}"
         out.update({f"{prefix}/{k}": v for k, v in score(agg, gen_rows).items()})
     return out

@@ -2,7 +2,7 @@
 
     mesh = parallel.data_mesh()                        # 1-D mesh, axis 'data', every device
     state = parallel.replicate(state, mesh)            # params, BatchNorm statistics, Adam moments
-    step = train_lib.make_train_step(model, tx, ...)   # unchanged
+    step = training.make_train_step(model, tx, ...)   # unchanged
     state, metrics = step(state, parallel.shard_batch(batch, mesh))
 
 Nothing in the model or the step knows about devices. `jax.jit` partitions a function by the
@@ -59,7 +59,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place a pytree (e.g. a `train_lib.TrainState`) on every device of `mesh`."""
+    """Place a pytree (e.g. a `training.TrainState`) on every device of `mesh`."""
     return jax.device_put(tree, replicated(mesh))
 
 

@@ -37,23 +37,6 @@ import numpy as np
 from adaparse_jax import targets
 
 
-def _load(workdir: Path, step: int | None):
-    from adaparse_jax import checkpointing, models, train_lib
-
-    config = train_lib.load_saved_config(workdir)
-    model = models.build_model(config.model)
-    tx = train_lib.make_optimizer(config)
-    size = config.model.image_size
-    abstract = train_lib.state_shapes(model, tx, (size, size, 3))
-    if step is None:
-        step, _ = checkpointing.selected_step(workdir)
-    with checkpointing.Checkpointer(workdir / checkpointing.CHECKPOINTS,
-                                    keep=config.keep_checkpoints,
-                                    best_mode=config.selection_mode) as ckpt:
-        state, _, _ = ckpt.restore(abstract, step, model_config=config.model.to_dict())
-    return config, model, state, step
-
-
 def _results(preds: dict, names: Sequence) -> list[dict]:
     out = []
     for i, name in enumerate(names):
@@ -85,17 +68,15 @@ def predict(workdir: str | os.PathLike, images: Sequence | None = None, *,
       step: checkpoint step (default: the run's selected checkpoint).
       batch_size: images per forward pass.
     """
-    import jax.numpy as jnp
     from PIL import Image
 
-    from adaparse_jax import train_lib
+    from adaparse_jax import runs
     from adaparse_jax.data import cache as cache_lib
 
     if (images is None) == (folder is None):
         raise ValueError("give either images or folder=")
-    config, model, state, step = _load(Path(workdir), step)
-    size = config.model.image_size
-    eval_step = train_lib.make_eval_step(model)
+    run = runs.load(workdir, step)
+    size = run.spec.image_size
     if folder is not None:
         with tempfile.TemporaryDirectory() as tmp:
             manifest = cache_lib.prepare_folder(folder, Path(tmp) / "cache",
@@ -121,11 +102,7 @@ def predict(workdir: str | os.PathLike, images: Sequence | None = None, *,
         pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     if len(pixels) == 0:
         return []
-    batches = ({"image": jnp.asarray(pixels[i:i + batch_size]),
-                "generator": jnp.full((len(pixels[i:i + batch_size]),), -1, jnp.int32)}
-               for i in range(0, len(pixels), batch_size))
-    preds = train_lib.predict_batches(eval_step, state, batches, batch_size)
-    return _results(preds, names)
+    return _results(run.parse(pixels, batch_size), names)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,13 @@ one row per method plus the mean/mode baseline, cells "mean ± std" over splits:
 
 Every column list comes from `targets`; the numbers come from `evaluation.evaluate` unchanged (the
 JSON holds them at full precision, the tables round to 3 decimals).
+
+The held-out scores of `scoring.score_runs` render here too (`scores_markdown`, `goal_markdown`,
+`plot_scores`, `write_scores`): the statistics live in `stats` and `scoring`, never in a renderer.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from adaparse_jax import targets
+from adaparse_jax import atomic, targets
+from adaparse_jax.runs import BASELINE_LABEL
+from adaparse_jax.stats import FAMILIES
 
 # (title, targets, metric, family mean key)
 TABLES = (
@@ -135,6 +139,144 @@ def write_report(report: Mapping, out: str | os.PathLike) -> dict[str, str]:
         plot_confusion(m["confusion"], f"{m['label']}: test generators, splits "
                        + ", ".join(m["splits"]), path)
         files[f"confusion/{m['label']}"] = str(path)
-    (out / "tables.md").write_text(markdown(report))
-    (out / "results.json").write_text(json.dumps({**report, "files": files}, indent=1))
+    atomic.write_text(out / "tables.md", markdown(report))
+    atomic.write_json(out / "results.json", {**report, "files": files})
     return files
+
+
+# ------------------------------------------------------------------------------------------------
+# Held-out scores (scoring.score_runs).
+
+
+def _p(p: float) -> str:
+    return f"p={p:.4f}" if p >= 1e-4 else f"p={p:.1e}"
+
+
+def _score_cell(m: Mapping, name: str, key: str, pvalues: bool) -> str:
+    e = m["targets"][name]
+    if len(m["replicates"]) > 1:
+        text = f"{e[key]:.3f} ± {e[key + '_std']:.3f}"
+    else:
+        text = f"{e[key]:.3f}"
+    pk = "p_" + key.split("_", 1)[1]
+    if pvalues and pk in e:
+        text += f" ({_p(e[pk])})"
+    return text
+
+
+def _mean_cell(m: Mapping, key: str) -> str:
+    if len(m["replicates"]) > 1:
+        return f"{m['means'][key]:.3f} ± {m['means'][key + '_std']:.3f}"
+    return f"{m['means'][key]:.3f}"
+
+
+SCORE_TABLES = (
+    ("Table II: loss-function flags, macro F1", "flags", "f1"),
+    ("Coarse loss groups, macro F1", "groups", "f1"),
+    ("Table III: discrete architecture, macro F1", "discrete", "f1"),
+    ("Table IV: continuous architecture, L1 error (lower is better)", "continuous", "l1"),
+)
+
+
+def scores_markdown(report: Mapping, *, granularities: Sequence[str] = ("generator", "image"),
+             pvalues: bool = True) -> str:
+    """The tables of a `score_runs` report (see the module docstring for every definition)."""
+    rows = [*report["methods"], report["baseline"]]
+    lines = [
+        f"Held-out generators of {report['dataset']}: {report['num_generators']} generators "
+        f"({report['num_images']} images), each held out once by {len(report['folds'])}-fold "
+        f"cross-validation (folds {', '.join(report['folds'])}). Cells: pooled held-out score"
+        + (f" (generator-permutation p-value, {report['n_resamples']} permutations)" if pvalues else "")
+        + "; Random G.T.: mean ± std over its seeds, p the largest over seeds.",
+        "",
+    ]
+    for m in rows:
+        if m["label"] != BASELINE_LABEL:
+            lines.append(f"- **{m['label']}**: {len(m['replicates'])} replicate(s) "
+                         f"(seeds {', '.join(str(r['key']) for r in m['replicates'])})")
+    lines.append(f"- **{BASELINE_LABEL}**: fitted on each fold's training generators")
+    lines.append("")
+    for gran in granularities:
+        what = ("per generator (majority vote / mean over all its images)" if gran == "generator"
+                else "per image")
+        for title, family, metric in SCORE_TABLES:
+            tgts = FAMILIES[family]
+            key = f"{metric}_{gran}"
+            lines += [f"### {title}, {what}", "",
+                      "| Method | " + " | ".join(t.title for t in tgts) + " | Avg. |",
+                      "|---|" + "---|" * (len(tgts) + 1)]
+            for m in rows:
+                show_p = pvalues and m["label"] != BASELINE_LABEL
+                lines.append(f"| {m['label']} | "
+                             + " | ".join(_score_cell(m, t.name, key, show_p) for t in tgts)
+                             + f" | {_mean_cell(m, f'{family}/{key}')} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def goal_markdown(g: Mapping) -> str:
+    """One paragraph: the goal's three criteria and whether each is met."""
+    c = g["criteria"]
+    rgt = (f"{g['discrete_f1']:.3f} vs {g['random_gt_discrete_f1']:.3f} for {g['random_gt']} "
+           f"(margin {g['margin']:+.3f}, needed {c['margin']:+.2f}): "
+           f"{'met' if g['beats_random_gt'] else 'not met'}" if g["random_gt"] else
+           "no Random G.T. runs to compare with")
+    return "\n".join([
+        f"**{g['method']}, generator level.** Mean discrete-architecture macro F1 {rgt}.",
+        f"Attributes with p < {c['alpha']}: {len(g['significant'])} of 6 "
+        f"({', '.join(g['significant']) or 'none'}; needed {c['min_significant']}): "
+        f"{'met' if g['enough_significant'] else 'not met'}.",
+        f"Mean L1 over the 9 counts {g['counts_l1']:.3f} vs {g['mean_predictor_counts_l1']:.3f} for the "
+        f"mean predictor ({len(g['counts_better'])} of 9 counts better): "
+        f"{'met' if g['beats_mean_predictor'] else 'not met'}.",
+        f"Goal {'met' if g['met'] else 'not met'}.",
+    ])
+
+
+def plot_scores(report: Mapping, path: str | os.PathLike) -> Path:
+    """One PNG: generator-level macro F1 per discrete attribute, flag and group for every method
+    (Random G.T.: mean with its spread over seeds as an error bar), with the chance level (the
+    permutation null's mean) of each method as a tick and the attributes with p < 0.01 starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tgts = [*targets.DISCRETE_TARGETS, *targets.GROUPS, *targets.FLAG_TARGETS]
+    methods = report["methods"]
+    x = np.arange(len(tgts))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(tgts) * max(len(methods), 1)), 4.2))
+    for i, m in enumerate(methods):
+        pos = x - 0.4 + width * (i + 0.5)
+        f1 = np.array([m["targets"][t.name]["f1_generator"] for t in tgts])
+        err = np.array([m["targets"][t.name].get("f1_generator_std", 0.0) for t in tgts])
+        chance = np.array([m["targets"][t.name]["chance_generator"] for t in tgts])
+        ax.bar(pos, f1, width, yerr=err if len(m["replicates"]) > 1 else None, label=m["label"])
+        ax.scatter(pos, chance, marker="_", color="black", s=80, zorder=3,
+                   label="chance (permutation mean)" if i == 0 else None)
+        for j, t in enumerate(tgts):
+            if m["targets"][t.name]["p_generator"] < 0.01:
+                ax.text(pos[j], f1[j] + 0.02, "*", ha="center", fontsize=10)
+    ax.set_xticks(x)
+    ax.set_xticklabels([t.title for t in tgts], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("macro F1, held-out generators")
+    ax.set_ylim(0, 1.08)
+    ax.set_title(f"{report['dataset']}: {report['num_generators']} generators, "
+                 f"{len(report['folds'])}-fold (* p < 0.01)", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_scores(report: Mapping, out: str | os.PathLike) -> dict[str, str]:
+    """scores.md and scores.json of a `scoring.score_runs` report in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "scores.json", report)
+    atomic.write_text(out / "scores.md", scores_markdown(report))
+    return {"scores_md": str(out / "scores.md"), "scores_json": str(out / "scores.json")}

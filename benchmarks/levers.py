@@ -42,12 +42,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adaparse_jax import models, targets, train_lib
+from adaparse_jax import models, targets
+from adaparse_jax import train as training
 from adaparse_jax.models.dncnn import DnCNN
 from benchmarks import common
 from benchmarks.model_bench import (
     SHORT_DTYPE,
     Bench,
+    bind_tables,
     compile_step,
     failed_row,
     host_batch,
@@ -216,16 +218,14 @@ def host_label_step(bench: Bench, dtype: str, batch: int) -> Callable:
     """The project's step fed label rows [B, 28] built on the host instead of generator ids.
 
     The rows become the step's label table (generator i of the batch is row i), so the labels the
-    loss sees are exactly those rows; the step itself is `train_lib.make_train_step`'s.
+    loss sees are exactly those rows; the step itself is `training.make_train_step`'s.
     """
     ids = jnp.arange(batch, dtype=jnp.int32)
     model = bench.model(dtype)
 
     def step(state, images, rows):
-        inner = train_lib.make_train_step(model, bench.tx, label_table=rows,
-                                          class_weights=bench.class_weights,
-                                          loss_config=bench.loss_config, donate=False)
-        return inner(state, {"image": images, "generator": ids})
+        inner = training.make_train_step(model, bench.tx, loss_config=bench.loss_config, donate=False)
+        return inner(state, {"image": images, "generator": ids}, rows, bench.class_weights)
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -445,9 +445,9 @@ def parallel_rows(bench: Bench, dtype: str, per_device_batch: int, *, repeats: i
         holder = {"state": parallel.replicate(bench.state, mesh)}
         try:
             placed = parallel.shard_batch(host_batch(bench, batch), mesh)
-            step = train_lib.make_train_step(bench.model(dtype), bench.tx, label_table=bench.labels,
-                                              class_weights=bench.class_weights,
-                                              loss_config=bench.loss_config)
+            step = bind_tables(
+                training.make_train_step(bench.model(dtype), bench.tx, loss_config=bench.loss_config),
+                bench)
             fn, compile_s = common.compile_timed(step, holder["state"], placed)
 
             def call(fn=fn, placed=placed):

@@ -1,6 +1,6 @@
 """Training and inference throughput of AdaParse and RE-Net: img/s, FLOPs per image, MFU, memory.
 
-Every row compiles the project's own step (`train_lib.make_train_step` / `make_eval_step`) ahead
+Every row compiles the project's own step (`training.make_train_step` / `make_eval_step`) ahead
 of time, then times it (`common.time_calls`). One `Bench` per architecture holds the training state
 (initialised once: parameters are float32 whatever the compute dtype, so the float32 and bf16 rows
 share it) and the compiled steps and results, so the lever rows reuse what the model rows built.
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaparse_jax import losses, models, targets, train_lib
+from adaparse_jax import losses, models, targets
+from adaparse_jax import train as training
 from adaparse_jax.data import synthetic
 from benchmarks import common
 
@@ -80,15 +81,15 @@ class Bench:
 
 
 def make_bench(arch: str, size: str = "full", seed: int = 0) -> Bench:
-    """Initialise the state (`train_lib.init_state`, timed) and the labels of one architecture."""
-    config = train_lib.default_config()
+    """Initialise the state (`training.init_state`, timed) and the labels of one architecture."""
+    config = training.default_config()
     config.model = models.model_config(arch, size)
     model = models.build_model(config.model)
-    tx = train_lib.make_optimizer(config)
+    tx = training.make_optimizer(config)
     s = config.model.image_size
 
     def reinit():
-        return jax.block_until_ready(train_lib.init_state(model, tx, jax.random.key(seed), (s, s, 3)))
+        return jax.block_until_ready(training.init_state(model, tx, jax.random.key(seed), (s, s, 3)))
 
     start = time.perf_counter()
     state = reinit()
@@ -119,18 +120,25 @@ def train_step_fn(bench: Bench, dtype: str, fused: int = 1, donate: bool = True,
     inside a loop body on a much slower path than outside one, so the benchmark also times the
     same K steps unrolled (one straight-line program, no loop).
     """
-    kw = dict(label_table=bench.labels, class_weights=bench.class_weights,
-              loss_config=bench.loss_config)
     model = bench.model(dtype)
-    return train_lib.make_train_step(model, bench.tx, fused_steps=fused, unroll=fused if unrolled else 1,
-                                     donate=donate, **kw)
+    step = training.make_train_step(model, bench.tx, fused_steps=fused, unroll=fused if unrolled else 1,
+                                    donate=donate, loss_config=bench.loss_config)
+    return bind_tables(step, bench, donate)
+
+
+def bind_tables(step, bench: Bench, donate: bool = True):
+    """`step(state, batch)` with the benchmark's label table and class weights bound (as constants,
+    as every row has measured them)."""
+    labels, weights = bench.labels, bench.class_weights
+    return jax.jit(lambda state, batch: step(state, batch, labels, weights),
+                   donate_argnums=(0,) if donate else ())
 
 
 def compile_step(bench: Bench, key: tuple, jitted, *args) -> dict:
     """Compile once per key; {'fn', 'compile_s', 'stats', 'memory'} (memory: bytes one call needs)."""
     if key not in bench.compiled:
         fn, seconds = common.compile_timed(jitted, *args)
-        stats = train_lib.compiled_stats(fn)
+        stats = training.compiled_stats(fn)
         bench.compiled[key] = {"fn": fn, "compile_s": seconds, "stats": stats,
                                "memory": common.compiled_memory(stats)}
     return bench.compiled[key]
@@ -232,14 +240,14 @@ def revive(bench: Bench) -> None:
 
 def infer_row(bench: Bench, dtype: str, batch: int, *, repeats: int = 3, warmup: int = 1,
               peak: float | None = None, min_repeat_s: float = 0.5, section: str = "model") -> dict:
-    """Inference img/s of `train_lib.make_eval_step` (BatchNorm running statistics, decisions)."""
+    """Inference img/s of `training.make_eval_step` (BatchNorm running statistics, decisions)."""
     name = f"{bench.title} infer {SHORT_DTYPE.get(dtype, dtype)} B={batch}"
     key = ("infer", dtype, batch)
     if key in bench.results:
         return {**bench.results[key], "section": section, "name": name}
     try:
         placed = jax.device_put(host_batch(bench, batch))
-        c = compile_step(bench, key, train_lib.make_eval_step(bench.model(dtype)), bench.state, placed)
+        c = compile_step(bench, key, training.make_eval_step(bench.model(dtype)), bench.state, placed)
         skip = memory_verdict(c["memory"])
         if skip:
             return row(section, name, compile_s=c["compile_s"], memory=c["memory"], details=skip,

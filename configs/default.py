@@ -1,6 +1,6 @@
 """The default training config: AdaParse, full size, official hyperparameters, no dataset chosen.
 
-Every field, with its meaning, is listed in `adaparse_jax.train_lib.default_config`; the other
+Every field, with its meaning, is listed in `adaparse_jax.training.default_config`; the other
 configs in this directory start from it and override a few fields. This one needs the dataset on
 the command line:
 
@@ -10,9 +10,9 @@ the command line:
 Expected runtime and paper numbers: as configs/re116.py (the same run).
 """
 
-from adaparse_jax import train_lib
+from adaparse_jax import train as training
 
 
 def get_config(arg=None):
     del arg  # no variants
-    return train_lib.default_config()
+    return training.default_config()

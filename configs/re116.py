@@ -23,12 +23,12 @@ Generative Model Reverse Engineering"), Tables II-IV; this project could not ret
 text, so no number is quoted here.
 """
 
-from adaparse_jax import train_lib
+from adaparse_jax import train as training
 
 
 def get_config(arg=None):
     """arg: optional split number ('configs/re116.py:2' equals --config.split=2)."""
-    config = train_lib.default_config()
+    config = training.default_config()
     config.data.images = "data/RE116"
     config.data.labels = "data/labels"
     config.data.variant = "re116"

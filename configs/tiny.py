@@ -22,7 +22,8 @@ the measured times. Paper numbers: none; the tiny model and data are for testing
 reproducing results.
 """
 
-from adaparse_jax import models, train_lib
+from adaparse_jax import models
+from adaparse_jax import train as training
 
 
 def get_config(arg=None):
@@ -31,7 +32,7 @@ def get_config(arg=None):
     if unknown:
         raise ValueError(f"configs/tiny.py: unknown option(s) {sorted(unknown)}; "
                          "use adaparse|renet and synthetic|zoo")
-    config = train_lib.default_config()
+    config = training.default_config()
     config.model = models.model_config("renet" if "renet" in opts else "adaparse", size="tiny")
     if "zoo" in opts and "synthetic" in opts:
         raise ValueError("configs/tiny.py: choose one of 'zoo' and 'synthetic'")

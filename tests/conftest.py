@@ -1,16 +1,26 @@
 """Fixtures shared by the test modules."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose inputs are missing; under CI (CI=true) fail instead, so a CI run that lost
+    its reference files cannot pass by skipping."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: required)")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The project's ../shared folder (reference files); tests that need it skip without it."""
+    """The project's ../shared folder (reference files); tests that need it skip without it, and
+    fail under CI=true."""
     path = Path(__file__).resolve().parents[2] / "shared"
     if not path.is_dir():
-        pytest.skip(f"{path} is not present")
+        skip_or_fail(f"{path} is not present")
     return path
 
 
@@ -18,7 +28,7 @@ def shared_dir() -> Path:
 # group, so its module- and session-scoped fixtures (a built zoo, compiled steps) are made once;
 # the modules that read the tiny training runs of train_runs.py share one group, so those runs are
 # trained once.
-TINY_RUNS_MODULES = {"test_train_e2e", "test_eval", "test_scoring"}
+TINY_RUNS_MODULES = {"test_train_e2e", "test_eval", "test_scoring", "test_runs"}
 
 
 def pytest_collection_modifyitems(config, items):

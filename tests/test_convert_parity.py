@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 
 from adaparse_jax import convert, models, parity, targets
-
 
 # ------------------------------------------------------------------------------------------------
 # Layouts, checked against NumPy versions of the torch operations.
@@ -204,7 +204,7 @@ def test_judge_rules():
 def parity_file(shared_dir, name):
     path = shared_dir / "reference" / "parity" / name
     if not path.is_file():
-        pytest.skip(f"{path} not found")
+        skip_or_fail(f"{path} not found")
     return path
 
 
@@ -249,3 +249,40 @@ def test_adaparse_parity_passes(shared_dir, capsys):
     expected = {parity.STAGED + k for k in outputs if k.startswith(("eval/parser/", "trainbn/parser/"))
                 or k.startswith("trainbn/loss/")}
     assert set(staged) == expected and max(staged.values()) <= 1e-4
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious "checkpoint" would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pickle"
+    path.write_bytes(pickle.dumps({"state_dict_cnn": {"w": _RunsCode(marker)}, "state_dict_class": {}}))
+    with pytest.raises(convert.UnsafeCheckpointError, match=r"refusing to open .*evil\.pickle: its pickle "
+                                                             r"imports (posix|os|nt)\.system"):
+        convert.load_official_checkpoint(path)  # refused with or without torch installed
+    assert not marker.exists()
+
+
+def test_torch_saved_state_dicts_pass_and_torch_saved_code_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    good = tmp_path / "good.pickle"
+    torch.save({"state_dict_cnn": {"w": torch.zeros(2)}}, good)
+    convert.check_pickle_imports(good)  # tensors and dicts only
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pickle"
+    torch.save({"state_dict_cnn": {"w": _RunsCode(marker)}}, evil)
+    with pytest.raises(convert.UnsafeCheckpointError, match="would run code"):
+        convert.load_official_checkpoint(evil, arch="renet")
+    assert not marker.exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 from PIL import Image
 
 from adaparse_jax import targets
@@ -172,7 +173,7 @@ def shipped_re116() -> re116.Dataset:
 def shared_re116():
     path = Path(__file__).resolve().parents[2] / "shared" / "reference" / "re116"
     if not path.is_dir():
-        pytest.skip("../shared/reference/re116 is not present")
+        skip_or_fail("../shared/reference/re116 is not present")
     return path
 
 

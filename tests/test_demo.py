@@ -11,7 +11,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from adaparse_jax import demo, models, scoring, train_lib
+from adaparse_jax import demo, models, reporting, scoring
+from adaparse_jax import train as training
 from adaparse_jax.data import re116, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,14 +20,14 @@ CONFIG = ROOT / "configs" / "demo.py"
 
 
 def _config(overrides=()):
-    return train_lib.load_config(CONFIG, list(overrides))
+    return training.load_config(CONFIG, list(overrides))
 
 
 def test_config_loads_overrides_and_is_a_narrowed_official_model():
     c = _config(["--config.workdir=/tmp/x", "--config.train.num_epochs=2", "--config.zoo.seed=3"])
     assert c.workdir == "/tmp/x" and c.train.num_epochs == 2 and c.zoo.seed == 3
-    train_lib.validate_config(c.train)
-    with pytest.raises(train_lib.ConfigError, match="num_epoch"):
+    training.validate_config(c.train)
+    with pytest.raises(training.ConfigError, match="num_epoch"):
         _config(["--config.train.num_epoch=2"])
     full, narrow = models.model_config("adaparse"), c.train.model
     assert set(full) == set(narrow)  # every field of the product model, some narrowed
@@ -53,7 +54,7 @@ def test_plan_and_train_configs(tmp_path):
     assert runs[6].name == "Random G.T. (AdaParse) seed 4, fold 1" and runs[2].name == "RE-Net, fold 1"
     for run in runs:
         t = demo.train_config(c, run)
-        train_lib.validate_config(t)
+        training.validate_config(t)
         assert t.model.arch == run.arch and t.split == int(run.fold)
         assert t.random_gt == (run.random_gt_seed is not None)
         assert t.random_gt_seed == (run.random_gt_seed or 0)
@@ -104,7 +105,7 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     runs = demo.plan(c, ["1", "2"])
     dataset = re116.load_dataset(tmp_path / demo.ZOO_DIR)
     for run in runs:
-        saved = train_lib.load_saved_config(run.workdir)
+        saved = training.load_saved_config(run.workdir)
         assert saved.split == int(run.fold) and saved.random_gt == (run.random_gt_seed is not None)
         result = json.loads(next((run.workdir / "eval").glob("test_metrics_step*.json")).read_text())
         assert result["test_generators"] == list(dataset.test_splits[run.fold])
@@ -113,7 +114,7 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     # The printed tables are the scoring of exactly these runs.
     text = "\n".join(printed)
     again = scoring.score_runs([r.workdir for r in runs], n_resamples=99)
-    assert scoring.markdown(again) in text
+    assert reporting.scores_markdown(again) in text
     assert "Random G.T. (RE-Net)" in text and scoring.BASELINE_LABEL in text
     assert "Goal" in text and "[demo] total" in text
     assert out["goals"]["RE-Net"]["random_gt"] == "Random G.T. (RE-Net)"
@@ -124,7 +125,7 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     assert json.loads((tmp_path / demo.RESULTS_DIR / "demo.json").read_text())["zoo"]["settings_hash"] == "synthetic"
 
     # A rerun trains nothing: same checkpoints, same metrics, same scores.
-    lines = {r.workdir: (r.workdir / train_lib.METRICS_JSONL).read_text() for r in runs}
+    lines = {r.workdir: (r.workdir / training.METRICS_JSONL).read_text() for r in runs}
     out2 = demo.run_demo(c, progress=False, echo=lambda s: None)
-    assert all((r.workdir / train_lib.METRICS_JSONL).read_text() == lines[r.workdir] for r in runs)
+    assert all((r.workdir / training.METRICS_JSONL).read_text() == lines[r.workdir] for r in runs)
     assert out2["report"]["methods"] == out["report"]["methods"]

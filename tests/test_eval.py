@@ -180,3 +180,49 @@ def test_predict_parses_a_folder_as_the_evaluation_did(runs):
             assert r["loss_flags"][t.name]["used"] == bool(saved[t.name][i] == 1)
     one = predict(runs["A"], [np.asarray(Image.open(folder / "0000.png"))])
     assert one[0]["discrete"] == results[0]["discrete"]
+
+
+def test_rescoring_saved_predictions_reads_no_cache(runs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "A"
+    shutil.copytree(runs["A"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"].update(cache=str(tmp_path / "no_cache"), prepare=False)  # no cache to read
+    (copy / "config.json").write_text(json.dumps(config))
+    again = evaluation.evaluate_run(copy)
+    assert again["metrics"] == evaluation.evaluate_run(runs["A"])["metrics"]
+    assert not (tmp_path / "no_cache").exists()
+
+
+def test_runs_of_two_datasets_keep_both_splits(monkeypatch):
+    """Duplicates are found per (dataset, split); the per-split numbers are kept per (dataset, split)
+    too, so split 1 of one dataset never overwrites split 1 of another."""
+    def fake(workdir, **kw):
+        dataset, value = {"a": ("zoo_a", 0.2), "b": ("zoo_b", 0.6)}[Path(workdir).name]
+        metrics = {"f1/flags_mean": value}
+        return {"label": "Random G.T. (AdaParse)", "dataset": dataset, "split": "1", "workdir": workdir,
+                "step": 1, "selection": "last", "num_images": 4, "metrics": metrics,
+                "baseline_metrics": metrics, "confusion": {"x": [[1]]}, "baseline_confusion": {"x": [[1]]},
+                "predictions": "", "test_generators": ["g"]}
+
+    monkeypatch.setattr(evaluation, "expand_workdirs", lambda ws: [Path(w) for w in ws])
+    monkeypatch.setattr(evaluation, "evaluate_run", fake)
+    report = evaluation.evaluate(["a", "b"])
+    (method,) = report["methods"]
+    assert method["per_split"] == {"zoo_a/1": {"f1/flags_mean": 0.2}, "zoo_b/1": {"f1/flags_mean": 0.6}}
+    assert method["mean"]["f1/flags_mean"] == pytest.approx(0.4)
+    assert sorted(report["baseline"]["per_split"]) == ["zoo_a/1", "zoo_b/1"]
+
+
+def test_eval_flags_use_hyphens_and_keep_the_underscore_spellings():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import eval as eval_cli
+    finally:
+        sys.path.remove(str(ROOT))
+    base = ["--workdir", "runs/a", "--out", "r"]
+    hyphen = eval_cli.parser().parse_args(base + ["--images-per-generator", "1,all", "--no-reuse"])
+    underscore = eval_cli.parser().parse_args(base + ["--images_per_generator", "1,all", "--no_reuse"])
+    assert vars(hyphen) == vars(underscore)
+    assert hyphen.images_per_generator == [1, None] and hyphen.no_reuse is True

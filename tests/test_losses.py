@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 
 from adaparse_jax import losses, spectral, targets
 
@@ -396,7 +397,7 @@ PARITY_DIR = "reference/parity"
 def load_parity(shared_dir, name):
     path = shared_dir / PARITY_DIR / name
     if not path.exists():
-        pytest.skip(f"{path} not found")
+        skip_or_fail(f"{path} not found")
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 

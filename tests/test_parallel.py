@@ -4,14 +4,14 @@ The comparison runs in a child process started with `--xla_force_host_platform_d
 the other tests' JAX keeps its single device. The child trains the tiny AdaParse (32 px, batch 16:
 its FEN BatchNorms see 25 * 16 folded streams) for K = 2 steps, once on one device and once with
 the batch split over 8 devices (`adaparse_jax.parallel`: 2 images per device, state replicated),
-with the same jitted `train_lib` step, then runs the eval step; this process compares parameters,
+with the same jitted `adaparse_jax.train` step, then runs the eval step; this process compares parameters,
 BatchNorm statistics, optimiser state, every loss term of every step and the eval outputs.
 
 GSPMD sums the batch in another order (per device, then across devices), so the runs agree to
 float32 rounding (~1e-6 relative), not bit for bit. Per-device BatchNorm statistics (2 images
 instead of 16) would differ at the first step by far more than that.
 
-A second child runs `train_lib.train_and_evaluate` (what train.py calls) on the tiny runs' dataset
+A second child runs `training.train` (what train.py calls) on the tiny runs' dataset
 (`train_runs.write_tiny_dataset`, tiny RE-Net, 4 steps of batch 16) with `config.devices` = 1 and
 then the default (all 8: the device-resident loader and 2 fused steps per call, stopped by
 max_steps at step 2 and resumed from its checkpoint with the grain loader), validating with
@@ -48,12 +48,13 @@ def _child(out: str) -> None:
     import jax
     import optax
 
-    from adaparse_jax import models, parallel, targets, train_lib
+    from adaparse_jax import models, parallel, targets
+    from adaparse_jax import train as training
     from adaparse_jax.data import synthetic
 
     devices = jax.devices()
     assert len(devices) == DEVICES, devices
-    config = train_lib.default_config()
+    config = training.default_config()
     config.model = models.model_config("adaparse", "tiny")
     size = config.model.image_size
     model = models.build_model(config.model)
@@ -69,12 +70,12 @@ def _child(out: str) -> None:
     generator = np.repeat(np.arange(8), 2 * K).astype(np.int32)
     order = rng.permutation(len(images))  # mix generators within each batch
     batches = [{"image": images[order[i::K]], "generator": generator[order[i::K]]} for i in range(K)]
-    kw = dict(label_table=labels, class_weights=targets.class_weights(labels), loss_config=config.loss)
-    step = train_lib.make_train_step(model, tx, **kw)
-    eval_step = train_lib.make_eval_step(model)
+    tables = (labels, targets.class_weights(labels))  # arguments of the step, not constants
+    step = training.make_train_step(model, tx, loss_config=config.loss)
+    eval_step = training.make_eval_step(model)
     # Initialised once (the step donates its input state, so each run gets its own copy), from the
     # state's shapes with scaled random values: compiling `init_state` would take longer than the test.
-    shapes = train_lib.state_shapes(model, tx, (size, size, 3))
+    shapes = training.state_shapes(model, tx, (size, size, 3))
     init_rng = np.random.default_rng(1)
 
     def fill(path, leaf):
@@ -85,7 +86,7 @@ def _child(out: str) -> None:
         return np.full(leaf.shape, 1.0 if ("'scale'" in name or "'var'" in name) else 0.0, leaf.dtype)
 
     params = jax.tree_util.tree_map_with_path(fill, shapes.params)
-    init = train_lib.TrainState(step=np.zeros((), np.int32), params=params,
+    init = training.TrainState(step=np.zeros((), np.int32), params=params,
                                 batch_stats=jax.tree_util.tree_map_with_path(fill, shapes.batch_stats),
                                 opt_state=jax.device_get(tx.init(params)), rng=jax.random.key(0))
 
@@ -93,9 +94,9 @@ def _child(out: str) -> None:
         state = place_state(jax.tree.map(lambda x: x.copy(), init))
         metrics = []
         for batch in batches:
-            state, m = step(state, place_batch(batch))
+            state, m = step(state, place_batch(batch), *tables)
             metrics.append(m)
-        return state, metrics, eval_step(state, place_batch(batches[0]))
+        return state, metrics, eval_step(training.variables_of(state), place_batch(batches[0]))
 
     one = devices[0]
     single = run(lambda s: jax.device_put(s, one), lambda b: jax.device_put(b, one))
@@ -134,7 +135,7 @@ def _train_child(out: str) -> None:
 
     from train_runs import CONFIG, write_tiny_dataset
 
-    from adaparse_jax import train_lib
+    from adaparse_jax import train as training
 
     logging.getLogger("adaparse_jax").setLevel(logging.INFO)  # train.log as under train.py
     out = Path(out)
@@ -148,8 +149,8 @@ def _train_child(out: str) -> None:
               "--config.optimizer.learning_rate=1e-4"]
 
     def train(workdir: str, *overrides: str) -> dict:
-        config = train_lib.load_config(CONFIG, [*common, *overrides])
-        return train_lib.train_and_evaluate(config, out / workdir)
+        config = training.load_config(CONFIG, [*common, *overrides])
+        return training.train(config, out / workdir)
 
     errors = {}
     for name, overrides in (("batch_12", ["--config.batch_size=12"]),
@@ -244,10 +245,10 @@ def trained(tmp_path_factory):
 
 def _metrics(workdir: Path, prefix: str) -> dict[int, dict[str, float]]:
     """{step: {name: value}} of a run's metrics named `prefix`..."""
-    from adaparse_jax import train_lib
+    from adaparse_jax import train as training
 
     out: dict[int, dict[str, float]] = {}
-    for record in train_lib.read_metrics(workdir):
+    for record in training.read_metrics(workdir):
         out.setdefault(record["step"], {}).update(
             {k: v for k, v in record.items() if k.startswith(prefix)})
     return {step: values for step, values in out.items() if values}
@@ -289,13 +290,14 @@ def test_train_and_evaluate_on_8_devices_gives_the_1_device_losses(trained):
 def test_checkpoint_of_the_8_device_run_restores_on_one_device(trained):
     import jax
 
-    from adaparse_jax import checkpointing, models, train_lib
+    from adaparse_jax import checkpointing, models
+    from adaparse_jax import train as training
 
     states = {}
     for name in ("one", "all"):
-        config = train_lib.load_saved_config(trained / name)
-        abstract = train_lib.state_shapes(models.build_model(config.model),
-                                          train_lib.make_optimizer(config), (32, 32, 3))
+        config = training.load_saved_config(trained / name)
+        abstract = training.state_shapes(models.build_model(config.model),
+                                          training.make_optimizer(config), (32, 32, 3))
         with checkpointing.Checkpointer(trained / name / "checkpoints") as ckpt:
             states[name], loader_state, _ = ckpt.restore(abstract, 4, model_config=config.model.to_dict())
         assert (loader_state["epoch"], loader_state["step"]) == (1, 0)
@@ -331,15 +333,15 @@ def test_batch_size_that_does_not_split_over_the_devices_is_a_config_error(train
 def test_more_devices_than_present_is_a_config_error():
     import jax
 
-    from adaparse_jax import train_lib
+    from adaparse_jax import train as training
 
-    config = train_lib.default_config()
+    config = training.default_config()
     config.devices = len(jax.devices()) + 1
-    with pytest.raises(train_lib.ConfigError, match=rf"devices={config.devices}; expected at most"):
-        train_lib.validate_config(config)
+    with pytest.raises(training.ConfigError, match=rf"devices={config.devices}; expected at most"):
+        training.validate_config(config)
     config.devices = 0
-    train_lib.validate_config(config)
-    assert train_lib.data_mesh(config).size == len(jax.devices())
+    training.validate_config(config)
+    assert training.data_mesh(config).size == len(jax.devices())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
-from adaparse_jax import evaluation, metrics, scoring, targets
+from adaparse_jax import evaluation, metrics, reporting, scoring, stats, targets
 
 
 def _sk_f1(y, d):
@@ -33,7 +33,7 @@ def test_macro_f1_from_confusion_equals_sklearn(k):
     cases.append((np.zeros(6, int), np.full(6, k - 1)))  # all wrong: F1 0 for both present classes
     cases.append((np.array([0, 0, 1, 1]), np.array([0, 0, 0, 0])))  # a class never predicted
     matrices = np.stack([confusion_matrix(y, d, labels=list(range(k))) for y, d in cases])
-    got = scoring.macro_f1_from_confusion(matrices)  # batched
+    got = stats.macro_f1_from_confusion(matrices)  # batched
     want = [_sk_f1(y, d) for y, d in cases]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
@@ -49,7 +49,7 @@ def test_generator_level_pvalue_is_exact_enumeration():
     y = np.array([0, 1, 2, 3, 0])
     d = np.array([0, 1, 2, 1, 0])  # 120 permutations < n_resamples: scipy enumerates them all
     want_p, want_f1 = _exact_pvalue(lambda lab: _sk_f1(lab, d), y)
-    got = scoring.permutation_test(y, np.eye(4)[d], 4)
+    got = stats.permutation_test(y, np.eye(4)[d], 4)
     assert got.statistic == pytest.approx(want_f1, abs=1e-12)
     assert got.statistic == pytest.approx(_sk_f1(y, d), abs=1e-12)
     assert got.pvalue == pytest.approx(want_p, abs=1e-12)
@@ -62,11 +62,11 @@ def test_image_level_pvalue_moves_images_with_their_generator():
     y = np.array([0, 1, 1, 0, 1])
     gens = np.repeat(np.arange(5), [3, 5, 2, 4, 1])  # unequal image counts
     di = np.where(rng.random(len(gens)) < 0.7, y[gens], 1 - y[gens])
-    ids, counts = scoring.decision_counts(di, gens, 2)
+    ids, counts = stats.decision_counts(di, gens, 2)
     assert ids.tolist() == list(range(5)) and counts.sum() == len(gens)
     # Reference: each image takes its generator's (permuted) label; sklearn's F1 over images.
     want_p, want_f1 = _exact_pvalue(lambda lab: _sk_f1(lab[gens], di), y)
-    got = scoring.permutation_test(y, counts, 2)
+    got = stats.permutation_test(y, counts, 2)
     assert got.statistic == pytest.approx(want_f1, abs=1e-12)
     assert got.pvalue == pytest.approx(want_p, abs=1e-12)
 
@@ -75,7 +75,7 @@ def test_l1_pvalue_is_exact_enumeration():
     y = np.array([0.1, 0.5, 0.9, 0.3, 0.7])
     pred = np.array([0.2, 0.4, 0.8, 0.5, 0.6])
     want_p, want_l1 = _exact_pvalue(lambda lab: np.abs(lab - pred).mean(), y, greater=False)
-    got = scoring.l1_permutation_test(y, pred)
+    got = stats.l1_permutation_test(y, pred)
     assert got.statistic == pytest.approx(want_l1, abs=1e-12)
     assert got.pvalue == pytest.approx(want_p, abs=1e-12)
 
@@ -88,7 +88,7 @@ def test_monte_carlo_pvalue_matches_a_numpy_reference():
     obs = _sk_f1(y, d)
     null = np.array([_sk_f1(y[rng.permutation(g)], d) for _ in range(b)])
     want = (1 + np.sum(null >= obs - 1e-12)) / (1 + b)
-    got = scoring.permutation_test(y, np.eye(k)[d], k, n_resamples=b, seed=0)
+    got = stats.permutation_test(y, np.eye(k)[d], k, n_resamples=b, seed=0)
     # Two independent Monte-Carlo estimates of the same p: within a few standard errors.
     se = np.sqrt(want * (1 - want) / b)
     assert abs(got.pvalue - want) < 5 * se + 1e-3, (got.pvalue, want)
@@ -98,14 +98,14 @@ def test_monte_carlo_pvalue_matches_a_numpy_reference():
 def test_pvalue_extremes():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 4, 40)
-    perfect = scoring.permutation_test(y, np.eye(4)[y], 4, n_resamples=999)
+    perfect = stats.permutation_test(y, np.eye(4)[y], 4, n_resamples=999)
     assert perfect.statistic == 1.0 and perfect.pvalue == pytest.approx(1 / 1000)
-    constant = scoring.permutation_test(y, np.eye(4)[np.zeros(40, int)], 4, n_resamples=999)
+    constant = stats.permutation_test(y, np.eye(4)[np.zeros(40, int)], 4, n_resamples=999)
     assert constant.pvalue == 1.0  # a constant decision scores the same under every permutation
     with pytest.raises(ValueError, match="counts have shape"):
-        scoring.permutation_test(y, np.eye(3)[y % 3], 4)
+        stats.permutation_test(y, np.eye(3)[y % 3], 4)
     with pytest.raises(ValueError, match="class ids outside"):
-        scoring.decision_counts([0, 4], [0, 1], 4)
+        stats.decision_counts([0, 4], [0, 1], 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,9 +137,9 @@ def test_pool_and_score_held_out_against_references():
     table = _label_table(20, rng)
     folds = np.array_split(rng.permutation(20), 3)
     parts = [(str(i + 1), _fake_fold(f, rng, table, accuracy=0.6)) for i, f in enumerate(folds)]
-    held = scoring.pool(parts, ["a", "b", "c"])
+    held = stats.pool(parts, ["a", "b", "c"])
     assert sorted(np.unique(held.generators).tolist()) == list(range(20))
-    scores = scoring.score_held_out(held, n_resamples=199)
+    scores = stats.score_held_out(held, n_resamples=199)
     assert scores["num_generators"] == 20 and scores["num_images"] == 100
     gens = held.generators
     for t in (*targets.DISCRETE_TARGETS, targets.GROUPS[0], targets.FLAG_TARGETS[3]):
@@ -169,9 +169,9 @@ def test_pool_refuses_overlapping_or_repeated_folds():
     a = _fake_fold([0, 1, 2], rng, table)
     b = _fake_fold([2, 3], rng, table)
     with pytest.raises(ValueError, match="generator row 2 is held out in fold 1 and in fold 2"):
-        scoring.pool([("1", a), ("2", b)])
+        stats.pool([("1", a), ("2", b)])
     with pytest.raises(ValueError, match="appear twice"):
-        scoring.pool([("1", a), ("1", _fake_fold([4], rng, table))])
+        stats.pool([("1", a), ("1", _fake_fold([4], rng, table))])
 
 
 def _method(label, f1s, p, l1, replicates=1):
@@ -192,12 +192,12 @@ def test_goal_criteria():
     assert g["margin"] == pytest.approx(0.6 - 0.4)
     assert g["significant"] == ["normalization", "nonlin_block", "nonlin_last", "upsampling"]
     assert g["beats_random_gt"] and g["enough_significant"] and g["beats_mean_predictor"] and g["met"]
-    assert "Goal met" in scoring.goal_markdown(g)
+    assert "Goal met" in reporting.goal_markdown(g)
     ada["targets"]["nonlin_last"]["p_generator"] = 0.01  # not < 0.01: 3 of 6 left
     base["means"]["continuous/l1_generator"] = 0.19
     g = scoring.goal(report)
     assert not g["enough_significant"] and not g["beats_mean_predictor"] and not g["met"]
-    assert "Goal not met" in scoring.goal_markdown(g)
+    assert "Goal not met" in reporting.goal_markdown(g)
     with pytest.raises(KeyError, match="no method 'RE-Net'"):
         scoring.goal(report, "RE-Net")
 
@@ -233,7 +233,7 @@ def test_score_runs_on_real_runs(runs):
     # The mean/mode predictor of each fold is fitted on that fold's training generators.
     base = report["baseline"]["targets"]
     assert set(base) == {t.name for t in targets.HEADS + targets.GROUPS}
-    text = scoring.markdown(report)
+    text = reporting.scores_markdown(report)
     assert "Table III: discrete architecture, macro F1, per generator" in text
     assert "| RE-Net |" in text and f"| {scoring.BASELINE_LABEL} |" in text
     # Run B repeats split 1 of the same method and seed: the folds of one replicate would overlap.

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import pytest
 
-from adaparse_jax import models, train_lib
+from adaparse_jax import models
+from adaparse_jax import train as training
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
@@ -22,10 +24,10 @@ def _repo_on_path(monkeypatch):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_file_loads_and_validates(path):
-    config = train_lib.load_config(str(path))
+    config = training.load_config(str(path))
     if path.stem == "demo":  # the demo's runs are configured by its `train` field
         config = config.train
-    train_lib.validate_config(config)
+    training.validate_config(config)
     doc = path.read_text().split('"""')[1]
     assert "python train.py" in doc or "make demo" in doc  # the docstring gives the command
     if path.stem not in ("demo", "tiny"):  # smoke-test schedules: see their docstrings
@@ -34,37 +36,37 @@ def test_every_config_file_loads_and_validates(path):
 
 
 def test_paper_settings_of_the_re116_configs():
-    ada = train_lib.load_config(str(ROOT / "configs/re116.py"))
+    ada = training.load_config(str(ROOT / "configs/re116.py"))
     assert ada.num_epochs == 20 and ada.model.arch == "adaparse" and ada.class_weights == "official"
     assert (ada.model.code_dim, ada.model.hidden_dim, ada.model.source_block, ada.model.inject_block) == (
         256, 2048, 5, 10)
     assert models.param_counts(ada.model) == {"fen": 150_778_499, "parser": 4_079_605}
-    renet = train_lib.load_config(str(ROOT / "configs/renet_re116.py"), ["--config.split=3"])
+    renet = training.load_config(str(ROOT / "configs/renet_re116.py"), ["--config.split=3"])
     assert renet.model.arch == "renet" and renet.split == 3 and renet.data.images == ada.data.images
-    assert train_lib.load_config(str(ROOT / "configs/re124.py")).data.variant == "re123"
-    assert train_lib.load_config(str(ROOT / "configs/re116.py") + ":4").split == 4
+    assert training.load_config(str(ROOT / "configs/re124.py")).data.variant == "re123"
+    assert training.load_config(str(ROOT / "configs/re116.py") + ":4").split == 4
 
 
 def test_overrides_reach_nested_fields_and_keep_types():
-    config = train_lib.load_config(str(ROOT / "configs/re116.py"),
+    config = training.load_config(str(ROOT / "configs/re116.py"),
                                    ["--config.split=2", "--config.model.fusion=add",
                                     "--config.random_gt=True", "--config.optimizer.learning_rate=3e-4"])
     assert (config.split, config.model.fusion, config.random_gt) == (2, "add", True)
     assert config.optimizer.learning_rate == 3e-4
-    with pytest.raises(train_lib.ConfigError, match="split"):
-        train_lib.load_config(str(ROOT / "configs/re116.py"), ["--config.split=two"])
+    with pytest.raises(training.ConfigError, match="split"):
+        training.load_config(str(ROOT / "configs/re116.py"), ["--config.split=two"])
 
 
 def test_unknown_fields_are_errors_that_list_the_valid_ones():
-    with pytest.raises(train_lib.ConfigError, match=r"unknown config field 'spilt'; did you mean 'split'"
+    with pytest.raises(training.ConfigError, match=r"unknown config field 'spilt'; did you mean 'split'"
                                                     r"(?s:.*)valid fields of config: batch_size, "):
-        train_lib.load_config(str(ROOT / "configs/tiny.py"), ["--config.spilt=2"])
-    with pytest.raises(train_lib.ConfigError, match=r"'data\.cahce'(?s:.*)valid fields of data: .*cache"):
-        train_lib.load_config(str(ROOT / "configs/tiny.py"), ["--config.data.cahce=/tmp/x"])
-    with pytest.raises(train_lib.ConfigError, match=r"'split' is not a group of fields"):
-        train_lib.load_config(str(ROOT / "configs/tiny.py"), ["--config.split.x=1"])
-    with pytest.raises(train_lib.ConfigError, match="unknown option"):
-        train_lib.load_config(str(ROOT / "configs/tiny.py") + ":renot")
+        training.load_config(str(ROOT / "configs/tiny.py"), ["--config.spilt=2"])
+    with pytest.raises(training.ConfigError, match=r"'data\.cahce'(?s:.*)valid fields of data: .*cache"):
+        training.load_config(str(ROOT / "configs/tiny.py"), ["--config.data.cahce=/tmp/x"])
+    with pytest.raises(training.ConfigError, match=r"'split' is not a group of fields"):
+        training.load_config(str(ROOT / "configs/tiny.py"), ["--config.split.x=1"])
+    with pytest.raises(training.ConfigError, match="unknown option"):
+        training.load_config(str(ROOT / "configs/tiny.py") + ":renot")
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -76,55 +78,97 @@ def test_unknown_fields_are_errors_that_list_the_valid_ones():
     ("model.fusion", "mul", "config.model: config field fusion='mul'"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
-    config = train_lib.default_config()
+    config = training.default_config()
     node = config
     *parents, leaf = field.split(".")
     for p in parents:
         node = node[p]
     node[leaf] = value
-    with pytest.raises(train_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train_lib.validate_config(config)
+    with pytest.raises(training.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        training.validate_config(config)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    config = train_lib.resolve_paths(train_lib.default_config(), tmp_path)
-    with pytest.raises(train_lib.ConfigError, match="no dataset; set data.dataset"):
-        train_lib.setup_data(config)
+    config = training.resolve_paths(training.default_config(), tmp_path)
+    with pytest.raises(training.ConfigError, match="no dataset; set data.dataset"):
+        training.setup_data(config)
 
 
 def test_saved_config_round_trips_and_resume_allows_only_harmless_changes(tmp_path):
-    config = train_lib.resolve_paths(train_lib.load_config(str(ROOT / "configs/tiny.py") + ":renet"), tmp_path)
-    train_lib._check_and_save_config(config, tmp_path)
-    saved = train_lib.load_saved_config(tmp_path)
-    train_lib.validate_config(saved)
+    config = training.resolve_paths(training.load_config(str(ROOT / "configs/tiny.py") + ":renet"), tmp_path)
+    training.check_and_save_config(config, tmp_path)
+    saved = training.load_saved_config(tmp_path)
+    training.validate_config(saved)
     assert json.loads(saved.to_json()) == json.loads(config.to_json())
     (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # a run with a checkpoint
-    more = train_lib.load_saved_config(tmp_path)
+    more = training.load_saved_config(tmp_path)
     more.num_epochs, more.max_steps, more.data.loader = 9, 4, "device"
-    train_lib._check_and_save_config(more, tmp_path)  # may continue
-    other = train_lib.load_saved_config(tmp_path)
+    training.check_and_save_config(more, tmp_path)  # may continue
+    other = training.load_saved_config(tmp_path)
     other.seed = 7
-    with pytest.raises(train_lib.ConfigError, match=r"another config:\n  seed: saved 0, now 7"):
-        train_lib._check_and_save_config(other, tmp_path)
-    wider = train_lib.load_saved_config(tmp_path)
+    with pytest.raises(training.ConfigError, match=r"another config:\n  seed: saved 0, now 7"):
+        training.check_and_save_config(other, tmp_path)
+    wider = training.load_saved_config(tmp_path)
     wider.model.width = 16
-    with pytest.raises(train_lib.ConfigError, match=r"different model:\n  model\.width: saved 8, now 16"):
-        train_lib._check_and_save_config(wider, tmp_path)
+    with pytest.raises(training.ConfigError, match=r"different model:\n  model\.width: saved 8, now 16"):
+        training.check_and_save_config(wider, tmp_path)
 
 
 def test_run_labels_come_from_arch_and_random_gt():
-    config = train_lib.default_config()
-    assert train_lib.run_label(config) == "AdaParse"
+    config = training.default_config()
+    assert training.run_label(config) == "AdaParse"
     config.model.arch = "renet"
-    assert train_lib.run_label(config) == "RE-Net"
+    assert training.run_label(config) == "RE-Net"
     config.random_gt = True
-    assert train_lib.run_label(config) == "Random G.T. (RE-Net)"
+    assert training.run_label(config) == "Random G.T. (RE-Net)"
     config.label = "RE-Net, add fusion"
-    assert train_lib.run_label(config) == "RE-Net, add fusion"
+    assert training.run_label(config) == "RE-Net, add fusion"
 
 
 def test_generate_choices_name_the_zoo_sizes():
     from adaparse_jax import zoo
 
-    zoo_kinds = {g.split(":", 1)[1] for g in train_lib.GENERATE if g.startswith("zoo:")}
+    zoo_kinds = {g.split(":", 1)[1] for g in training.GENERATE if g.startswith("zoo:")}
     assert zoo_kinds == set(zoo.SIZES)
+
+
+def test_selection_metric_is_checked_before_training():
+    config = training.load_config(str(ROOT / "configs/tiny.py"))
+    config.selection_metric = "f1/flag_mean"  # typo of f1/flags_mean
+    with pytest.raises(training.ConfigError,
+                       match=r"selection_metric='f1/flag_mean' is not a validation metric; did you mean "
+                             r"'f1/flags_mean'\?"):
+        training.validate_config(config)
+    config.selection_metric = "l1/continuous_mean"  # an error: the best checkpoint is the smallest
+    with pytest.raises(training.ConfigError, match=r"selection_mode='max' would select the checkpoint "
+                                                   r"with the largest error 'l1/continuous_mean'"):
+        training.validate_config(config)
+    config.selection_mode = "min"
+    training.validate_config(config)
+    for name in ("score", "f1/flags_mean", "acc/skip"):
+        config.selection_metric, config.selection_mode = name, "max"
+        training.validate_config(config)
+
+
+def test_fused_unroll_field_resolves_per_backend():
+    config = training.default_config()
+    assert config.fused_unroll == "auto"
+    assert training.fused_unroll(config) is (jax.default_backend() == "cpu")
+    config.fused_unroll = "rolled"
+    assert training.fused_unroll(config) is False
+    config.fused_unroll = "unrolled"
+    assert training.fused_unroll(config) is True
+    config.fused_unroll = "sometimes"
+    with pytest.raises(training.ConfigError, match=r"fused_unroll='sometimes'; expected one of"):
+        training.validate_config(config)
+
+
+def test_ci_turns_a_missing_reference_into_a_failure(monkeypatch):
+    from conftest import skip_or_fail
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="gone"):
+        skip_or_fail("gone")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"gone \(CI=true: required\)"):
+        skip_or_fail("gone")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from train_runs import CONFIG, CRASH_STEP, STEPS_PER_EPOCH, tiny_runs, train
 
-from adaparse_jax import checkpointing, evaluation, losses, models, targets, train_lib
+from adaparse_jax import checkpointing, evaluation, losses, models, targets
+from adaparse_jax import train as training
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +27,11 @@ def runs(tmp_path_factory):
 
 
 def _config(runs, *overrides):
-    return train_lib.load_config(CONFIG, [*runs["common"][2:], *overrides])
+    return training.load_config(CONFIG, [*runs["common"][2:], *overrides])
 
 
 def _train_records(workdir):
-    return [r for r in train_lib.read_metrics(workdir) if "train/loss/total" in r]
+    return [r for r in training.read_metrics(workdir) if "train/loss/total" in r]
 
 
 def _leaves(state):
@@ -42,9 +43,9 @@ def _best(workdir):
 
 
 def _restore(workdir, step):
-    config = train_lib.load_saved_config(workdir)
+    config = training.load_saved_config(workdir)
     model = models.build_model(config.model)
-    abstract = train_lib.state_shapes(model, train_lib.make_optimizer(config), (32, 32, 3))
+    abstract = training.state_shapes(model, training.make_optimizer(config), (32, 32, 3))
     with checkpointing.Checkpointer(workdir / "checkpoints") as ckpt:
         return ckpt.restore(abstract, step, model_config=config.model.to_dict())
 
@@ -61,8 +62,8 @@ def test_killed_run_resumes_with_bit_identical_losses(runs):
         for key in ra:
             if key.startswith(("train/loss/", "train/grad_norm", "train/lr")):
                 assert ra[key] == rb[key], (ra["step"], key)  # exact, not approximately
-    val_a = [r for r in train_lib.read_metrics(runs["A"]) if "val/score" in r]
-    val_b = [r for r in train_lib.read_metrics(runs["B"]) if "val/score" in r]
+    val_a = [r for r in training.read_metrics(runs["A"]) if "val/score" in r]
+    val_b = [r for r in training.read_metrics(runs["B"]) if "val/score" in r]
     assert val_a == val_b and [r["step"] for r in val_a] == [STEPS_PER_EPOCH, TOTAL]
     state_a, loader_a, _ = _restore(runs["A"], TOTAL)
     state_b, loader_b, _ = _restore(runs["B"], TOTAL)
@@ -101,14 +102,14 @@ def test_metrics_jsonl_holds_every_loss_term_lr_and_throughput(runs):
 
 
 def test_config_and_checkpoint_contents_are_saved(runs):
-    saved = train_lib.load_saved_config(runs["A"])
+    saved = training.load_saved_config(runs["A"])
     assert saved.model.arch == "renet" and saved.split == 1 and saved.num_epochs == 2
     assert saved.data.cache == str(runs["cache"].resolve())
     state, loader_state, meta = _restore(runs["A"], TOTAL)
     assert int(state.step) == TOTAL
     assert (loader_state["epoch"], loader_state["step"]) == (2, 0)
     assert meta["model"]["width"] == saved.model.width and meta["label"] == "RE-Net"
-    assert train_lib.learning_rate(state.opt_state) == pytest.approx(1e-3)
+    assert training.learning_rate(state.opt_state) == pytest.approx(1e-3)
 
 
 def test_model_selection_uses_validation_generators_only(runs):
@@ -116,7 +117,7 @@ def test_model_selection_uses_validation_generators_only(runs):
     history = {h["step"]: h["value"] for h in sel["history"]}
     assert sorted(history) == [STEPS_PER_EPOCH, TOTAL]
     assert sel["best_value"] == max(history.values()) and history[sel["best_step"]] == sel["best_value"]
-    val = [r for r in train_lib.read_metrics(runs["A"]) if "val/score" in r]
+    val = [r for r in training.read_metrics(runs["A"]) if "val/score" in r]
     assert {r["step"]: r["val/score"] for r in val} == history
     steps = sorted(int(p.name) for p in (runs["A"] / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == sorted({TOTAL, sel["best_step"]})  # the last one (keep=1) and the best one
@@ -126,7 +127,7 @@ def test_model_selection_uses_validation_generators_only(runs):
     assert result["test_generators"] == ["SYN_00", "SYN_01"]
     # The validation score is recomputed from the validation predictions' metrics definition.
     last_val = val[-1]
-    assert last_val["val/score"] == pytest.approx(train_lib.selection_score(
+    assert last_val["val/score"] == pytest.approx(training.selection_score(
         {k.removeprefix("val/"): v for k, v in last_val.items() if k.startswith("val/")}))
 
 
@@ -140,20 +141,20 @@ def test_config_typo_is_an_error_listing_valid_fields(runs):
     config = _config(runs)
     config.unlock()
     config.batchsize = 8
-    with pytest.raises(train_lib.ConfigError, match="unknown config field 'batchsize'.*batch_size"):
-        train_lib.validate_config(config)
+    with pytest.raises(training.ConfigError, match="unknown config field 'batchsize'.*batch_size"):
+        training.validate_config(config)
 
 
 def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
     other = _config(runs, "--config.model.width=4")
-    with pytest.raises(train_lib.ConfigError, match=r"different model(?s:.*)model\.width: saved 8, now 4"):
-        train_lib.train_and_evaluate(other, runs["A"])
+    with pytest.raises(training.ConfigError, match=r"different model(?s:.*)model\.width: saved 8, now 4"):
+        training.train(other, runs["A"])
     # Without the saved config (checkpoints copied elsewhere) the checkpoint's own record refuses it.
     shutil.copytree(runs["A"] / "checkpoints", tmp_path / "copy" / "checkpoints")
     with pytest.raises(checkpointing.CheckpointMismatchError, match=r"model\.width: checkpoint 8, config 4"):
-        train_lib.train_and_evaluate(other, tmp_path / "copy")
+        training.train(other, tmp_path / "copy")
     # And without any record, the parameter shapes are compared.
-    abstract = train_lib.state_shapes(models.build_model(other.model), train_lib.make_optimizer(other),
+    abstract = training.state_shapes(models.build_model(other.model), training.make_optimizer(other),
                                       (32, 32, 3))
     with checkpointing.Checkpointer(runs["A"] / "checkpoints") as ckpt:
         with pytest.raises(checkpointing.CheckpointMismatchError,
@@ -181,9 +182,9 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(runs):
 
 def test_random_gt_permutes_training_labels_only(runs):
     config = _config(runs, "--config.random_gt=True", "--config.random_gt_seed=3")
-    config = train_lib.resolve_paths(config, runs["root"] / "rgt")
-    true = train_lib.setup_data(_config_resolved(runs))
-    rgt = train_lib.setup_data(config)
+    config = training.resolve_paths(config, runs["root"] / "rgt")
+    true = training.setup_data(_config_resolved(runs))
+    rgt = training.setup_data(config)
     ds, split = rgt.dataset, rgt.split
     train_rows = ds.rows(split.train)
     other = ds.rows(split.val + split.test)
@@ -193,11 +194,11 @@ def test_random_gt_permutes_training_labels_only(runs):
     assert sorted(map(tuple, moved)) == sorted(map(tuple, ds.labels[train_rows]))
     assert not np.array_equal(moved, ds.labels[train_rows])
     np.testing.assert_array_equal(
-        train_lib.random_gt_labels(ds.labels, train_rows, 3), rgt.train_labels)  # seeded
+        training.random_gt_labels(ds.labels, train_rows, 3), rgt.train_labels)  # seeded
     for name, w in true.class_weights.items():  # official weights count all rows: unchanged
         np.testing.assert_array_equal(w, rgt.class_weights[name])
-    assert train_lib.run_label(config) == "Random G.T. (RE-Net)"
-    honest = train_lib.setup_data(train_lib.resolve_paths(
+    assert training.run_label(config) == "Random G.T. (RE-Net)"
+    honest = training.setup_data(training.resolve_paths(
         _config(runs, "--config.class_weights=train"), runs["root"] / "w"))
     np.testing.assert_array_equal(
         honest.class_weights["normalization"],
@@ -205,7 +206,7 @@ def test_random_gt_permutes_training_labels_only(runs):
 
 
 def _config_resolved(runs):
-    return train_lib.resolve_paths(_config(runs), runs["root"] / "plain")
+    return training.resolve_paths(_config(runs), runs["root"] / "plain")
 
 
 def test_final_evaluation_reuses_nothing_from_test_for_selection(runs):

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from adaparse_jax import models, targets, train_lib
+from adaparse_jax import models, targets
+from adaparse_jax import train as training
 from adaparse_jax.data import synthetic
 
 PREDICTION_TERMS = ("continuous",) + tuple(t.name for t in targets.CLASSIFICATION_TARGETS)
@@ -30,27 +31,31 @@ def _prediction_loss(m) -> float:
 
 @pytest.fixture(scope="module")
 def setup():
-    config = train_lib.default_config()
+    config = training.default_config()
     config.model = models.model_config("renet", "tiny")
     model = models.build_model(config.model)
-    tx = train_lib.make_optimizer(config)
+    tx = training.make_optimizer(config)
     labels = targets.label_matrix(synthetic.label_tables(8, seed=0))
     rng = np.random.default_rng(0)
     images = np.concatenate([synthetic.generator_images(labels[g], 2, 32, rng) for g in range(8)])
     batch = {"image": jnp.asarray(images), "generator": jnp.asarray(np.repeat(np.arange(8), 2), jnp.int32)}
-    kw = dict(label_table=labels, class_weights=targets.class_weights(labels), loss_config=config.loss,
-              donate=False)
-    state = train_lib.init_state(model, tx, jax.random.key(0), (32, 32, 3))
-    step = train_lib.make_train_step(model, tx, **kw).lower(state, batch).compile()
+    kw = dict(loss_config=config.loss, donate=False)
+    tables = (jnp.asarray(labels), {k: jnp.asarray(v) for k, v in targets.class_weights(labels).items()})
+    state = training.init_state(model, tx, jax.random.key(0), (32, 32, 3))
+    compiled = training.make_train_step(model, tx, **kw).lower(state, batch, *tables).compile()
+
+    def step(state, batch):  # the label table and class weights are arguments of the executable
+        return compiled(state, batch, *tables)
+
     return {"config": config, "model": model, "tx": tx, "labels": labels, "batch": batch, "kw": kw,
-            "state": state, "step": step}
+            "tables": tables, "state": state, "step": step}
 
 
 def test_weight_decay_is_added_to_the_gradient_as_torch_adam_does():
     """Three optimiser steps against a NumPy transcription of torch.optim.Adam(weight_decay=wd)."""
-    config = train_lib.default_config()
+    config = training.default_config()
     config.optimizer.weight_decay = 0.1  # large, so that the decay term clearly matters
-    tx = train_lib.make_optimizer(config)
+    tx = training.make_optimizer(config)
     o = config.optimizer
     rng = np.random.default_rng(0)
     params = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32)}
@@ -84,14 +89,14 @@ def test_weight_decay_is_added_to_the_gradient_as_torch_adam_does():
 def test_fused_steps_equal_single_steps(setup, unroll):
     k = 3
     s = setup
-    fused = train_lib.make_train_step(s["model"], s["tx"], fused_steps=k, unroll=unroll, **s["kw"])
+    fused = training.make_train_step(s["model"], s["tx"], fused_steps=k, unroll=unroll, **s["kw"])
     batches = [{"image": jnp.roll(s["batch"]["image"], i, axis=0),
                 "generator": jnp.roll(s["batch"]["generator"], i, axis=0)} for i in range(k)]
     state, singles = s["state"], []
     for b in batches:
         state, m = s["step"](state, b)
         singles.append(m)
-    fstate, fm = fused(s["state"], jax.tree.map(lambda *x: jnp.stack(x), *batches))
+    fstate, fm = fused(s["state"], jax.tree.map(lambda *x: jnp.stack(x), *batches), *s["tables"])
     assert int(fstate.step) == int(state.step) == k
     # The scan body is compiled apart from the single step, so float rounding differs slightly.
     # Adam's first steps move every parameter by about +-lr whatever the gradient's size, so where
@@ -159,3 +164,51 @@ def test_batchnorm_statistics_are_those_of_the_training_forward(setup):
     for e, g, b in zip(expected, got, before):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
         assert not np.allclose(np.asarray(g), np.asarray(b))  # the running statistics moved
+
+
+def test_config_fused_unroll_reaches_the_scan(tmp_path):
+    """--config.fused_unroll decides whether the run's fused step is a loop or straight-line code
+    (BENCHMARKS.md measured the rolled scan at 0.03x on a CPU, so 'auto' unrolls there)."""
+    from train_runs import CONFIG, write_tiny_dataset
+
+    ds = write_tiny_dataset(tmp_path)
+    config = training.load_config(CONFIG, [f"--config.data.dataset={ds.parent}",
+                                           f"--config.data.cache={tmp_path / 'cache'}", "--config.fused_steps=2",
+                                           "--config.progress=False", "--config.tensorboard=False"])
+    (tmp_path / "run").mkdir()
+    trainer = training.Trainer(training.resolve_paths(config, tmp_path / "run"), tmp_path / "run")
+    loops = {}
+    try:
+        single = trainer.lower(1).as_text().count("stablehlo.while")  # loops of the step itself
+        for mode in ("rolled", "unrolled", "auto"):
+            trainer.config.fused_unroll = mode
+            loops[mode] = trainer.lower(2).as_text().count("stablehlo.while") - single
+    finally:
+        trainer.close()
+    assert loops["rolled"] == 1 and loops["unrolled"] == 0  # the scan's own loop, or none
+    assert loops["auto"] == (0 if jax.default_backend() == "cpu" else 1)
+
+
+def test_one_executable_serves_every_fold_and_label_table(tmp_path):
+    """The label table and class weights are arguments of the step: runs of another split, with
+    Random G.T. labels and training-set class weights lower to the very same program, so the
+    persistent compilation cache serves every run of a demo after the first."""
+    from train_runs import CONFIG, write_tiny_dataset
+
+    ds = write_tiny_dataset(tmp_path)
+    common = [f"--config.data.dataset={ds.parent}", f"--config.data.cache={tmp_path / 'cache'}",
+              "--config.progress=False", "--config.tensorboard=False"]
+    texts, tables = [], []
+    for name, extra in (("a", []), ("b", ["--config.split=2", "--config.random_gt=True",
+                                          "--config.class_weights=train"])):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        config = training.resolve_paths(training.load_config(CONFIG, common + extra), workdir)
+        trainer = training.Trainer(config, workdir)
+        try:
+            texts.append(trainer.lower(1).as_text())
+            tables.append(jax.device_get(trainer.tables))
+        finally:
+            trainer.close()
+    assert not np.array_equal(tables[0][0], tables[1][0])  # different labels reach the step...
+    assert texts[0] == texts[1]  # ...through one program

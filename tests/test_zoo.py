@@ -297,13 +297,13 @@ def test_photographs_load_offline_and_regions_are_disjoint(monkeypatch):
     photos.photo_views.cache_clear()
     views = photos.photo_views()
     assert {name for name, _, _ in views} == set(photos.PHOTOGRAPHS)
-    for name, _, view in views:
+    for _name, _, view in views:
         assert view.dtype == np.float32 and view.shape[2] == 3 and 0 <= view.min() <= view.max() <= 1
         train, sample = photos.region_bounds(view.shape[1], "train"), photos.region_bounds(view.shape[1], "sample")
         assert train[1] == sample[0] and train[1] - train[0] >= 32 and sample[1] - sample[0] >= 32
     positions = photos.crop_positions(500, "sample", seed=0)
     widths = {(n, s): v.shape[1] for n, s, v in views}
-    for name, scale, y, x, _ in positions:
+    for name, scale, _y, x, _ in positions:
         start, stop = photos.region_bounds(widths[(name, scale)], "sample")
         assert start <= x and x + 32 <= stop
     a = photos.crop_pool(64, "train", seed=1)
@@ -534,3 +534,12 @@ def test_cli_probe_prints_the_table_and_names_an_unknown_attribute(tiny_zoo, cap
     assert f"| Up-sampling type | {expected['f1']:.3f} | {expected['p']:.4f} |" in table
     with pytest.raises(ValueError, match="unknown attributes \\['upsampeling'\\]"):
         main(["probe", "--zoo", str(root), "--attributes", "upsampeling"])
+
+
+def test_settings_hash_covers_targets_py(tmp_path, monkeypatch):
+    """targets.py writes the zoo's label columns and groups: changing it must rebuild a zoo."""
+    before = build.code_hash()
+    changed = tmp_path / "targets.py"
+    changed.write_text(Path(targets.__file__).read_text() + "\n# another label column\n")
+    monkeypatch.setattr(targets, "__file__", str(changed))
+    assert build.code_hash() != before

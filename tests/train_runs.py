@@ -5,7 +5,8 @@
 RE-Net) as the user would, in subprocesses sharing one persistent XLA compilation cache:
 
   A  split 1, 2 epochs, uninterrupted
-  B  split 1, the same command, SIGKILLed right after dispatching step 7, then rerun to the end
+  B  split 1, the same config, trained by `train.train` with a hook that SIGKILLs the process right
+     after dispatching step 7 (as a preemption would: no cleanup runs), then `train.py` to the end
   C  split 2, stopped by max_steps=4, then rerun to the end
 
 Each epoch has 5 steps (5 training generators x 16 images / batch 16; one generator is held out for
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adaparse_jax import train_lib
+from adaparse_jax import train as training
 from adaparse_jax.data import cache as cache_lib
 from adaparse_jax.data import re116, synthetic
 
@@ -36,6 +37,20 @@ def train(args: list[str], env: dict, check: bool = True) -> subprocess.Complete
     if check and done.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
     return done
+
+
+# What `train.py` does, with a hook that kills the process after the call reaching step `crash`.
+CRASH_SCRIPT = """
+import os, signal, sys
+from adaparse_jax import train as training
+crash, workdir, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+
+def kill(prev, step):
+    if prev < crash <= step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+training.train(training.load_config(overrides[1], overrides[2:]), workdir, hooks=[kill])
+"""
 
 
 def write_tiny_dataset(root: Path) -> Path:
@@ -56,7 +71,6 @@ def tiny_runs(tmp_path_factory) -> dict:
     ds_path = write_tiny_dataset(root)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
-    env.pop(train_lib.CRASH_ENV, None)
     common = ["--config", CONFIG, f"--config.data.dataset={ds_path.parent}",
               f"--config.data.cache={root / 'cache'}", "--config.progress=False",
               "--config.num_epochs=2", "--config.checkpoint_every_steps=3",
@@ -64,12 +78,12 @@ def tiny_runs(tmp_path_factory) -> dict:
     runs = {"root": root, "dataset": ds_path.parent, "cache": root / "cache", "env": env,
             "common": common, "A": root / "A", "B": root / "B", "C": root / "C"}
     runs["A_out"] = train(common + [f"--workdir={runs['A']}"], env)
-    crashed = train(common + [f"--workdir={runs['B']}"], dict(env, **{train_lib.CRASH_ENV: str(CRASH_STEP)}),
-                    check=False)
+    crashed = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(CRASH_STEP), str(runs["B"]), *common],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     runs["B_crash"] = {
         "returncode": crashed.returncode,
         "checkpoints": sorted(int(p.name) for p in (runs["B"] / "checkpoints").iterdir() if p.name.isdigit()),
-        "metrics": train_lib.read_metrics(runs["B"]),
+        "metrics": training.read_metrics(runs["B"]),
     }
     runs["B_out"] = train(common + [f"--workdir={runs['B']}"], env)
     split2 = common + ["--config.split=2", f"--workdir={runs['C']}"]

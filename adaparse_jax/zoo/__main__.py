@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     pr.add_argument("--attributes", default=None,
                     help="comma-separated discrete attributes (default: all six)")
     pr.add_argument("--n-resamples", type=int, default=None,
-                    help="label permutations for p-values (default: scoring.N_RESAMPLES)")
+                    help="label permutations for p-values (default: stats.N_RESAMPLES)")
     args = parser.parse_args(argv)
 
     if args.command == "probe":

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaparse_jax import targets
+from adaparse_jax import atomic, targets
 from adaparse_jax.zoo import photos, schema
 
 ZOO_FORMAT = "adaparse-jax synthetic zoo v1"
@@ -146,11 +146,12 @@ READER_SOURCES = ("__init__.py", "__main__.py", "probe.py")
 
 
 def code_hash() -> str:
-    """Hash of the modules that make the files (`BUILD_SOURCES`): a zoo made by other code is
-    rebuilt, not reused."""
+    """Hash of the modules that make the files (`BUILD_SOURCES`, and `targets.py`, which writes
+    the label columns and groups): a zoo made by other code is rebuilt, not reused."""
     digest = hashlib.sha256()
     for name in BUILD_SOURCES:
         digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    digest.update(b"targets.py\0" + Path(targets.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -340,9 +341,7 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    tmp.rename(path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def _build_and_write(spec: schema.GeneratorSpec, config: ZooConfig, out: str, pools_path: str) -> dict:
@@ -507,7 +506,6 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig, workers: int | None
         workers: a rebuild (another seed, the untrained twin's BatchNorm-free samplers, a resumed
         build) then skips compiles already done. Not part of the settings: it changes no file.
     """
-    from adaparse_jax.zoo import recipes
 
     out = Path(out_dir)
     with _exclusive(out):
@@ -532,10 +530,9 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
     if pending:
         pools_path = build / "crops.npz"
         if not pools_path.is_file():
-            tmp = build / "crops.tmp.npz"
-            np.savez(tmp, train=photos.crop_pool(config.train_crops, "train", config.seed),
-                     sample=photos.crop_pool(config.sample_crops, "sample", config.seed))
-            tmp.rename(pools_path)
+            pools = dict(train=photos.crop_pool(config.train_crops, "train", config.seed),
+                         sample=photos.crop_pool(config.sample_crops, "sample", config.seed))
+            atomic.write(pools_path, lambda f: np.savez(f, **pools))
         workers = max(1, min(workers or os.cpu_count() or 1, len(pending)))
         from tqdm.auto import tqdm
 

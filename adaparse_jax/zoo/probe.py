@@ -8,7 +8,7 @@ A reference for the parsing networks, not a competitor: features a linear model 
 pixel position modulo 2 and 4, where up-sampling leaves periodic traces), a logistic regression
 fitted on the images of each fold's training generators, and each held-out generator decided once
 by its mean probability. The held-out decisions of all folds are pooled and scored like the
-parsing networks' (`adaparse_jax.scoring.permutation_test`: generator-level macro F1 and its
+parsing networks' (`adaparse_jax.stats.permutation_test`: generator-level macro F1 and its
 generator-permutation p-value), so an attribute this probe reads at p < 0.01 is one the zoo makes
 learnable from single images.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adaparse_jax import scoring, targets
+from adaparse_jax import stats, targets
 
 C = 0.05  # inverse L2 strength of the logistic regression (scikit-learn's C)
 
@@ -74,7 +74,7 @@ def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
 
 
 def probe(root: str | os.PathLike, attributes: Sequence[str] | None = None, *,
-          n_resamples: int = scoring.N_RESAMPLES, seed: int = 0) -> dict[str, dict]:
+          n_resamples: int = stats.N_RESAMPLES, seed: int = 0) -> dict[str, dict]:
     """Per discrete attribute: held-out generator-level macro F1, its permutation p-value and the
     null mean (the F1 these decisions get by chance), pooled over the zoo's folds."""
     from adaparse_jax.data import load_dataset
@@ -92,7 +92,7 @@ def probe(root: str | os.PathLike, attributes: Sequence[str] | None = None, *,
         column = ds.labels[:, targets.column_index(name)].astype(np.int64)
         truth, decided = held_out_decisions(features, dict(zip(ds.names, column)), ds.test_splits)
         k = target.num_classes
-        result = scoring.permutation_test(truth, np.eye(k)[decided], k, n_resamples=n_resamples,
+        result = stats.permutation_test(truth, np.eye(k)[decided], k, n_resamples=n_resamples,
                                           seed=seed)
         out[name] = dict(title=target.title, f1=result.statistic, p=result.pvalue,
                          chance=result.null_mean, generators=len(truth))

@@ -1,0 +1,337 @@
+"""The training config: schema (`default_config` lists every field), validation, loading with
+command-line overrides, the config a workdir saved, and a run's label.
+
+A config file is a Python file with `get_config(arg=None)` (ml_collections); `load_config(path,
+overrides)` reads it as `train.py --config PATH --config.x=y` does, refusing unknown fields with the
+valid ones listed. `validate_config` checks every value before anything runs, so a typo fails up
+front instead of after the first epoch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from adaparse_jax import atomic, models, parallel
+from adaparse_jax import losses as losses_lib
+from adaparse_jax import metrics as metrics_lib
+from adaparse_jax.data import pipeline
+
+CLASS_WEIGHTS = ("official", "train")
+SELECTION_MODES = ("max", "min")
+FUSED_UNROLL = ("auto", "unrolled", "rolled")
+GENERATE = ("", "synthetic", "zoo:tiny", "zoo:demo", "zoo:bench")  # zoo sizes: adaparse_jax.zoo.SIZES
+CONFIG_JSON = "config.json"
+# Fields that may change when a run resumes (they do not change what is computed).
+RESUMABLE_FIELDS = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps",
+                    "keep_checkpoints", "eval_at_end", "tensorboard", "progress", "label",
+                    "compilation_cache", "devices", "fused_unroll", "data.loader", "data.workers",
+                    "data.prefetch", "data.prepare", "data.prepare_workers", "data.eval_batch_size")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown or missing fields, invalid values, another run's workdir."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field a training config has, with the official AdaParse-on-RE-116 values.
+
+    Fields:
+      model: `models.model_config` (arch 'adaparse' | 'renet', sizes, ablation switches).
+      loss: `losses.default_loss_config` (constraint weights, lambda = 10, ce_input).
+      optimizer: Adam with L2 weight decay added to the gradient (torch's Adam): learning_rate,
+        weight_decay, b1, b2, eps.
+      data.dataset: a dataset.json or its directory (e.g. a synthetic zoo); or
+      data.images + data.labels: an RE-116 / RE-123 image root and label directory
+        (data.variant 'auto' | 're116' | 're123').
+      data.generate: '' | 'synthetic' | 'zoo:<size>': write a generated dataset into data.dataset
+        (default <workdir>/dataset) when it does not exist yet; data.generate_seed seeds it.
+      data.cache: the decoded cache (default <workdir>/cache); data.prepare: decode into it when it
+        is missing (data.prepare_workers processes, 0 = all cores).
+      data.num_val, data.val_seed: validation generators held out of the training generators for
+        model selection (0: none, the last checkpoint is evaluated).
+      data.loader: 'grain' | 'device'; data.workers: grain worker processes; data.prefetch: batches
+        in flight to the device; data.eval_batch_size: batch of validation / test passes.
+      split: the test split (RE-116: 1-4).
+      batch_size, num_epochs, seed (init and shuffle), fused_steps (optimiser steps per call).
+      fused_unroll: how `lax.scan` runs the fused steps: 'auto' (default: unrolled on a CPU, where
+        XLA:CPU runs convolutions inside a loop body on a slow path, BENCHMARKS.md "fused steps",
+        rolled elsewhere), 'unrolled' or 'rolled'.
+      devices: data parallelism (`parallel`). 0 (default): every device of the default backend, what
+        a multi-GPU user of train.py expects and the same thing on a 1-device machine; n: the first
+        n. Each global batch of batch_size is split over them (batch_size must be a multiple of the
+        count) and the state is replicated; the steps compute what one device computes (BatchNorm
+        statistics of the global batch), up to float32 summation order. Validation and test
+        passes are not split (any eval_batch_size works). A run may resume on another count
+        (bit-identical resumes need the same one).
+      random_gt, random_gt_seed: the papers' Random G.T. baseline (label rows of the training
+        generators permuted; `random_gt_labels`).
+      class_weights: 'official' (N / N_c over every generator of the dataset, test ones included:
+        reproduces the official literals) | 'train' (over the training generators only).
+      official_group_counts: coarse-group weights count the OR of member flags (official).
+      log_every_steps, checkpoint_every_steps (also at every epoch end), keep_checkpoints.
+      eval_every_epochs: validation cadence (with data.num_val > 0).
+      selection_metric, selection_mode: what picks the best checkpoint on the validation generators:
+        'score' (see `state.selection_score`) or any per-image metric name of `metrics.score`, with
+        'max' or 'min' (an error 'l1/...' with 'max' is refused: it would select the worst).
+      max_steps: stop after this many optimiser steps (0: no limit; a rerun continues).
+      eval_at_end: evaluate the selected checkpoint on the test generators when training finishes.
+      tensorboard: also write TensorBoard events when tensorboardX (or TensorFlow) is installed.
+      progress: show a progress bar. label: run label in the eval tables ('' = from arch and
+        random_gt). compilation_cache: a persistent XLA compilation cache directory ('' = off).
+    """
+    c = ml_collections.ConfigDict()
+    c.model = models.model_config("adaparse")
+    c.loss = losses_lib.default_loss_config()
+    c.optimizer = ml_collections.ConfigDict(
+        dict(learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8))
+    c.data = ml_collections.ConfigDict(dict(
+        dataset="", images="", labels="", variant="auto", generate="", generate_seed=0,
+        cache="", prepare=True, prepare_workers=0, num_val=0, val_seed=0,
+        loader="grain", workers=0, prefetch=2, eval_batch_size=64))
+    c.split = 1
+    c.batch_size = 16
+    c.num_epochs = 20
+    c.seed = 0
+    c.fused_steps = 1
+    c.fused_unroll = "auto"
+    c.devices = 0
+    c.random_gt = False
+    c.random_gt_seed = 0
+    c.class_weights = "official"
+    c.official_group_counts = True
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.eval_every_epochs = 1
+    c.selection_metric = "score"
+    c.selection_mode = "max"
+    c.max_steps = 0
+    c.eval_at_end = True
+    c.tensorboard = True
+    c.progress = True
+    c.label = ""
+    c.compilation_cache = ""
+    return c
+
+
+def _is_group(x) -> bool:
+    return isinstance(x, (Mapping, ml_collections.ConfigDict))
+
+
+def _field_error(path: str, node: Mapping, prefix: str) -> ConfigError:
+    name = path.split(".")[-1]
+    close = difflib.get_close_matches(name, list(node), n=1)
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+    where = prefix.rstrip(".") or "config"
+    return ConfigError(f"unknown config field {path!r}{hint}\n  valid fields of {where}: "
+                       + ", ".join(sorted(node)))
+
+
+def _check_keys(config: Mapping, reference: Mapping, prefix: str = "") -> None:
+    unknown = sorted(set(config) - set(reference))
+    if unknown:
+        raise _field_error(prefix + unknown[0], reference, prefix)
+    missing = sorted(set(reference) - set(config))
+    if missing:
+        raise ConfigError(f"config is missing field(s) {', '.join(prefix + m for m in missing)}; "
+                          "start from adaparse_jax.train.default_config()")
+    for k, v in reference.items():
+        if _is_group(v):
+            if not _is_group(config[k]):
+                raise ConfigError(f"config field {prefix + k} must be a group of fields, got {config[k]!r}")
+            _check_keys(config[k], v, prefix + k + ".")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the field for unknown or missing fields and invalid values."""
+    _check_keys(config, default_config())
+
+    def fail(field, expected):
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        raise ConfigError(f"config field {field}={value!r}; expected {expected}")
+
+    def positive_int(field):
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(field, "a positive integer")
+
+    for f in ("batch_size", "num_epochs", "fused_steps", "log_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "eval_every_epochs", "data.eval_batch_size"):
+        positive_int(f)
+    if not isinstance(config.max_steps, int) or config.max_steps < 0:
+        fail("max_steps", "an integer >= 0 (0: no limit)")
+    if config.class_weights not in CLASS_WEIGHTS:
+        fail("class_weights", f"one of {CLASS_WEIGHTS}")
+    if config.selection_mode not in SELECTION_MODES:
+        fail("selection_mode", f"one of {SELECTION_MODES}")
+    _check_selection(config)
+    if config.fused_unroll not in FUSED_UNROLL:
+        fail("fused_unroll", f"one of {FUSED_UNROLL}")
+    if config.data.loader not in pipeline.MODES:
+        fail("data.loader", f"one of {pipeline.MODES}")
+    if config.data.generate not in GENERATE:
+        fail("data.generate", f"one of {GENERATE}")
+    if not isinstance(config.data.num_val, int) or config.data.num_val < 0:
+        fail("data.num_val", "an integer >= 0")
+    if not isinstance(config.devices, int) or isinstance(config.devices, bool) or config.devices < 0:
+        fail("devices", "an integer >= 0 (0: every device)")
+    data_mesh(config)  # enough devices, and batch_size splits over them
+    try:
+        models.build_model(config.model)  # the model's own field checks
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from e
+    try:
+        losses_lib._check_config(config.loss)
+    except ValueError as e:
+        raise ConfigError(f"config.loss: {e}") from e
+
+
+def selection_metrics() -> list[str]:
+    """The names `selection_metric` may take: 'score' and every per-image metric of `metrics.score`."""
+    return ["score", *metrics_lib.metric_names()]
+
+
+def _check_selection(config: ml_collections.ConfigDict) -> None:
+    names = selection_metrics()
+    metric = config.selection_metric
+    if metric not in names:
+        close = difflib.get_close_matches(metric, names, n=1)
+        raise ConfigError(f"config field selection_metric={metric!r} is not a validation metric"
+                          + (f"; did you mean {close[0]!r}?" if close else "")
+                          + f" (valid: {', '.join(names)})")
+    if metric.startswith("l1/") and config.selection_mode == "max":
+        raise ConfigError(f"config field selection_mode='max' would select the checkpoint with the largest "
+                          f"error {metric!r}; set selection_mode='min'")
+
+
+def fused_unroll(config: ml_collections.ConfigDict) -> bool:
+    """`lax.scan`'s unroll for config.fused_steps: True (one straight-line program) or False."""
+    if config.fused_unroll == "auto":
+        return jax.default_backend() == "cpu"
+    return config.fused_unroll == "unrolled"
+
+
+def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The data-parallel mesh of `config.devices` (0: every device of the default backend).
+
+    Raises ConfigError when there are fewer devices, or batch_size does not split over them.
+    """
+    available = jax.devices()
+    n = config.devices or len(available)
+    if n > len(available):
+        raise ConfigError(f"config field devices={config.devices!r}; expected at most the "
+                          f"{len(available)} {jax.default_backend()} device(s) present (0: all)")
+    mesh = parallel.data_mesh(available[:n])
+    try:
+        parallel.check_batch_size(config.batch_size, mesh)
+    except ValueError as e:
+        which = f"all {n}" if not config.devices else f"the first {n}"
+        raise ConfigError(f"{e} (config field devices={config.devices!r}: {which})") from e
+    return mesh
+
+
+def check_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Raise ConfigError for a `--config.a.b=value` override whose field does not exist.
+
+    The message lists the valid fields at the level where the path breaks, and the closest name.
+    """
+    for arg in overrides:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        node, prefix = config, ""
+        for part in path.split("."):
+            if not _is_group(node) or part not in node:
+                if not _is_group(node):
+                    raise ConfigError(f"config field {prefix.rstrip('.')!r} is not a group of fields; "
+                                      f"cannot set {path!r} (in {arg})")
+                err = _field_error(prefix + part, node, prefix)
+                raise ConfigError(f"{err} (in {arg})")
+            node, prefix = node[part], prefix + part + "."
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load a config file as `train.py --config PATH[:ARG] --config.x=y ...` does.
+
+    Args:
+      path: a config file with `get_config(arg=None)`, optionally followed by ':ARG'.
+      overrides: command-line overrides such as '--config.split=2'.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    def parse(args):
+        argv = ["load_config", f"--config={path}", *args]
+        fv = flags.FlagValues()
+        # sys_argv: config_flags otherwise finds the override flags in this process's sys.argv.
+        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        return fv.config
+
+    try:
+        check_overrides(parse([]), overrides)
+        return parse(list(overrides))
+    except flags.Error as e:
+        raise ConfigError(str(e)) from e
+
+
+def _normalise(config) -> dict:
+    return json.loads(config.to_json() if hasattr(config, "to_json") else json.dumps(config))
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a run saved in its workdir."""
+    path = Path(workdir) / CONFIG_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training workdir")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_and_save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Save the config; refuse a workdir whose run used another config (model or otherwise)."""
+    path = workdir / CONFIG_JSON
+    new = _normalise(config)
+    if path.is_file() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        old = _normalise(json.loads(path.read_text()))
+        fo, fn = _flat(old), _flat(new)
+        diff = [k for k in sorted(set(fo) | set(fn)) if fo.get(k) != fn.get(k)
+                and k not in RESUMABLE_FIELDS]
+        if diff:
+            lines = [f"{k}: saved {fo.get(k, '(absent)')!r}, now {fn.get(k, '(absent)')!r}" for k in diff]
+            what = ("its checkpoints are from a different model" if any(k.startswith("model.") for k in diff)
+                    else "it holds a run with another config")
+            raise ConfigError(
+                f"workdir {workdir} cannot continue with this config: {what}:\n  " + "\n  ".join(lines)
+                + f"\nuse another --workdir (fields that may change on resume: {', '.join(RESUMABLE_FIELDS)})")
+    atomic.write_json(path, new, sort_keys=True)
+
+
+def run_label(config: ml_collections.ConfigDict) -> str:
+    """The row label of a run in the report tables: config.label, or the method's name."""
+    if config.get("label"):
+        return str(config.label)
+    name = {"adaparse": "AdaParse", "renet": "RE-Net"}[config.model.arch]
+    return f"Random G.T. ({name})" if config.random_gt else name
+
+
