@@ -247,12 +247,13 @@ def infer_row(bench: Bench, dtype: str, batch: int, *, repeats: int = 3, warmup:
         return {**bench.results[key], "section": section, "name": name}
     try:
         placed = jax.device_put(host_batch(bench, batch))
-        c = compile_step(bench, key, training.make_eval_step(bench.model(dtype)), bench.state, placed)
+        variables = training.variables_of(bench.state)
+        c = compile_step(bench, key, training.make_eval_step(bench.model(dtype)), variables, placed)
         skip = memory_verdict(c["memory"])
         if skip:
             return row(section, name, compile_s=c["compile_s"], memory=c["memory"], details=skip,
                        failed="skipped")
-        timing = common.time_calls(lambda: c["fn"](bench.state, placed), repeats=repeats,
+        timing = common.time_calls(lambda: c["fn"](variables, placed), repeats=repeats,
                                    warmup=warmup, min_repeat_s=min_repeat_s)
         flops = c["stats"].get("flops")
         result = row(section, name, images_per_call=batch, seconds=timing["seconds"],
@@ -343,7 +344,7 @@ def twin_row(bench: Bench, kind: str, batch: int, *, repeats: int = 3, warmup: i
              peak: float | None = None, threads: int | None = None) -> dict:
     """The project's compiled step and the PyTorch twin's, same weights and batch, in turns.
 
-    Training: one optimiser step of the official loss (JAX: `train_lib.make_train_step`, state
+    Training: one optimiser step of the official loss (JAX: `training.make_train_step`, state
     donated; twin: forward, loss, backward, torch Adam); inference: eval-mode outputs (JAX:
     `make_eval_step`, which also takes the decisions; twin: `torch.inference_mode`). Both reuse one
     batch that is already in their framework's layout (NHWC uint8 on the device / NCHW float32), as
@@ -367,7 +368,8 @@ def twin_row(bench: Bench, kind: str, batch: int, *, repeats: int = 3, warmup: i
                              train_step_fn(bench, dtype), bench.state, placed)
         else:
             c = compile_step(bench, ("infer", dtype, batch),
-                             train_lib.make_eval_step(bench.model(dtype)), bench.state, placed)
+                             training.make_eval_step(bench.model(dtype)),
+                             training.variables_of(bench.state), placed)
         skip = memory_verdict(c["memory"])
         if skip:
             return row("twin", name, details=skip, failed="skipped", kind=kind)
@@ -381,7 +383,7 @@ def twin_row(bench: Bench, kind: str, batch: int, *, repeats: int = 3, warmup: i
         generators = torch.from_numpy(host["generator"]).long()
         holder = {"state": bench.state}
         if kind == "train":
-            optimizer = train_lib.default_config().optimizer
+            optimizer = training.default_config().optimizer
             twin_step = tw.TrainStep(twin, optimizer, bench.loss_config, bench.labels,
                                      bench.class_weights)
 
@@ -392,8 +394,10 @@ def twin_row(bench: Bench, kind: str, batch: int, *, repeats: int = 3, warmup: i
             def twin_call():
                 twin_step(images, generators)
         else:
+            variables = training.variables_of(bench.state)
+
             def jax_call():
-                jax.block_until_ready(c["fn"](holder["state"], placed))
+                jax.block_until_ready(c["fn"](variables, placed))
 
             def twin_call():
                 tw.infer(twin, images)

@@ -14,7 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from adaparse_jax import convert, losses, models, targets, train_lib  # noqa: E402
+from adaparse_jax import convert, losses, models, targets  # noqa: E402
+from adaparse_jax import train as training  # noqa: E402
 from adaparse_jax.data import pipeline, synthetic  # noqa: E402
 from benchmarks import torch_twin  # noqa: E402
 
@@ -72,7 +73,7 @@ def nhwc(fingerprints) -> np.ndarray:
 def test_twin_computes_what_the_jax_model_computes(arch):
     """Eval outputs, train-mode outputs, loss terms, gradients, one Adam step (one compile)."""
     cfg, model, variables, twin, images = setup(arch)
-    config = train_lib.default_config()
+    config = training.default_config()
     config.model = cfg
     config.optimizer.learning_rate = 1e-3
     table = targets.label_matrix(synthetic.label_tables(24, seed=0))
@@ -80,7 +81,7 @@ def test_twin_computes_what_the_jax_model_computes(arch):
     generators = np.array([0, 5, 11, 17], np.int32)
 
     # JAX: loss terms, gradients and BatchNorm updates of the training loss, then the optimiser
-    # of `train_lib.make_optimizer` (what `make_train_step` composes).
+    # of `training.make_optimizer` (what `make_train_step` composes).
     x = pipeline.normalize(jnp.asarray(images))
     labels = targets.split_labels(jnp.asarray(table)[generators])
 
@@ -110,7 +111,7 @@ def test_twin_computes_what_the_jax_model_computes(arch):
         for name in ours["probs"]:
             assert rel(theirs["probs"][name], ours["probs"][name]) < 1e-4, name
     torch_twin.load_variables(twin, cfg, variables)  # undo the running statistics' update
-    tx = train_lib.make_optimizer(config)
+    tx = training.make_optimizer(config)
     step, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
     new_params = jax.tree.map(lambda p, u: p + u, variables["params"], step)
 
