@@ -247,12 +247,13 @@ def infer_row(bench: Bench, dtype: str, batch: int, *, repeats: int = 3, warmup:
         return {**bench.results[key], "section": section, "name": name}
     try:
         placed = jax.device_put(host_batch(bench, batch))
-        c = compile_step(bench, key, training.make_eval_step(bench.model(dtype)), bench.state, placed)
+        variables = training.variables_of(bench.state)
+        c = compile_step(bench, key, training.make_eval_step(bench.model(dtype)), variables, placed)
         skip = memory_verdict(c["memory"])
         if skip:
             return row(section, name, compile_s=c["compile_s"], memory=c["memory"], details=skip,
                        failed="skipped")
-        timing = common.time_calls(lambda: c["fn"](bench.state, placed), repeats=repeats,
+        timing = common.time_calls(lambda: c["fn"](variables, placed), repeats=repeats,
                                    warmup=warmup, min_repeat_s=min_repeat_s)
         flops = c["stats"].get("flops")
         result = row(section, name, images_per_call=batch, seconds=timing["seconds"],
@@ -306,3 +307,120 @@ def flop_check_rows(bench: Bench, dtype: str = "float32", batch: int = 2) -> lis
         rows.append(row("flops", f"{bench.title} {kind} FLOPs per {s}x{s} image",
                         xla_flops_per_img=xla, model_flops_per_img=counted, details="; ".join(parts)))
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Side by side with the PyTorch twin (benchmarks/torch_twin.py).
+
+
+def _twin_module():
+    """benchmarks.torch_twin, or None without torch (the rows then say so)."""
+    try:
+        from benchmarks import torch_twin
+    except ImportError:
+        return None
+    return torch_twin
+
+
+def _interleaved(calls: dict, *, repeats: int, warmup: int) -> dict:
+    """Seconds per call of each named call, timed in turns (A B A B ...); the fastest repeat each.
+
+    On a CPU shared with other work, load changes within seconds: taking turns exposes both sides
+    to the same load, and the fastest repeat is the least disturbed one.
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"seconds": min(t), "repeats": t} for name, t in times.items()}
+
+
+def twin_row(bench: Bench, kind: str, batch: int, *, repeats: int = 3, warmup: int = 1,
+             peak: float | None = None, threads: int | None = None) -> dict:
+    """The project's compiled step and the PyTorch twin's, same weights and batch, in turns.
+
+    Training: one optimiser step of the official loss (JAX: `training.make_train_step`, state
+    donated; twin: forward, loss, backward, torch Adam); inference: eval-mode outputs (JAX:
+    `make_eval_step`, which also takes the decisions; twin: `torch.inference_mode`). Both reuse one
+    batch that is already in their framework's layout (NHWC uint8 on the device / NCHW float32), as
+    the model rows do. float32, `threads` torch threads (default: the cores JAX's CPU client uses).
+    """
+    name = f"{bench.title} {kind} f32 B={batch}"
+    tw = _twin_module()
+    if tw is None:
+        return row("twin", name, details="PyTorch twin not run: torch is not installed "
+                                         "(pip install -e .[torch])", failed="skipped", kind=kind)
+    import torch
+
+    threads = threads or tw.default_threads()
+    torch.set_num_threads(threads)
+    dtype = "float32"
+    try:
+        host = host_batch(bench, batch)
+        placed = jax.device_put(host)
+        if kind == "train":
+            c = compile_step(bench, ("train", dtype, batch, 1, True, False),
+                             train_step_fn(bench, dtype), bench.state, placed)
+        else:
+            c = compile_step(bench, ("infer", dtype, batch),
+                             training.make_eval_step(bench.model(dtype)),
+                             training.variables_of(bench.state), placed)
+        skip = memory_verdict(c["memory"])
+        if skip:
+            return row("twin", name, details=skip, failed="skipped", kind=kind)
+        cfg = bench.model_config(dtype)
+        twin = tw.build(cfg)
+        host_state = jax.device_get({"params": bench.state.params,
+                                     "batch_stats": bench.state.batch_stats})
+        tw.load_variables(twin, cfg, host_state)
+        del host_state
+        images = tw.to_nchw(host["image"])
+        generators = torch.from_numpy(host["generator"]).long()
+        holder = {"state": bench.state}
+        if kind == "train":
+            optimizer = training.default_config().optimizer
+            twin_step = tw.TrainStep(twin, optimizer, bench.loss_config, bench.labels,
+                                     bench.class_weights)
+
+            def jax_call():
+                holder["state"], metrics = c["fn"](holder["state"], placed)
+                jax.block_until_ready(metrics)
+
+            def twin_call():
+                twin_step(images, generators)
+        else:
+            variables = training.variables_of(bench.state)
+
+            def jax_call():
+                jax.block_until_ready(c["fn"](variables, placed))
+
+            def twin_call():
+                tw.infer(twin, images)
+
+        try:
+            t = _interleaved({"jax": jax_call, "twin": twin_call}, repeats=repeats, warmup=warmup)
+        finally:
+            bench.state = holder["state"]
+        twin = None  # free the twin's weights (the closures above are done with it)
+    except Exception as e:  # noqa: BLE001 - a row that fails is reported, the run goes on
+        revive(bench)
+        return failed_row("twin", name, e)
+    flops = bench.model_flops(kind)
+    jax_rate, twin_rate = batch / t["jax"]["seconds"], batch / t["twin"]["seconds"]
+
+    def spread(s):
+        return f"{1e3 * min(s['repeats']):.0f}-{1e3 * max(s['repeats']):.0f} ms"
+
+    details = (f"PyTorch {torch.__version__} on {threads} threads vs jax {jax.__version__}; "
+               f"{repeats} turns each (JAX {spread(t['jax'])}, twin {spread(t['twin'])})"
+               + ("" if warmup else ", no untimed warm-up call") + "; fastest turn")
+    return row("twin", name, images_per_call=batch, seconds=t["jax"]["seconds"],
+               model_flops_per_img=flops, peak=peak, compile_s=c["compile_s"], memory=c["memory"],
+               details=details, kind=kind, arch=bench.arch, batch=batch,
+               twin_img_per_s=twin_rate, ratio=jax_rate / twin_rate,
+               twin_mfu=flops * twin_rate / peak if peak else None)

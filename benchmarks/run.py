@@ -7,6 +7,9 @@
 Sections, in order:
   peak      a large matrix product per compute dtype (the MFU denominator, measured in this run)
   model     training and inference img/s of AdaParse and RE-Net at full size (`model_bench`)
+  twin      the same steps side by side with the PyTorch twin (`torch_twin`, optional `torch`
+            extra): RE-Net training, AdaParse training and inference at batch 8, float32, timed
+            in turns in this process, each pair with its ratio (CPU only)
   flops     FLOPs per image: DESIGN.md's counts, the jaxpr's conv + matmul count, XLA's count
   levers    each throughput lever on and off (`levers`)
   parallel  data-parallel weak scaling over the devices present (`adaparse_jax.parallel`)
@@ -39,7 +42,7 @@ import jax
 
 from benchmarks import common, levers, model_bench
 
-SECTIONS = ("peak", "model", "flops", "levers", "parallel", "data")
+SECTIONS = ("peak", "model", "twin", "flops", "levers", "parallel", "data")
 DTYPES = ("float32", "bfloat16")
 ARCHS = ("adaparse", "renet")
 
@@ -85,6 +88,13 @@ def plan(quick: bool, size: str) -> dict:
             "padding": {"dtype": "bfloat16", "batch": 16},
             "parallel": {"arch": "adaparse", "dtype": "bfloat16", "per_device_batch": 16},
         }
+    # Side by side with the PyTorch twin: (arch, kind, batch, timing). An AdaParse training step
+    # takes tens of seconds on 2 cores: 2 turns each and no untimed warm-up (the JAX step is
+    # compiled ahead of time; the fastest turn is the warm one).
+    p["twin"] = [] if gpu else [
+        ("renet", "train", 8, {"repeats": 3, "warmup": 1}),
+        ("adaparse", "infer", 8, {"repeats": 3, "warmup": 1}),
+        ("adaparse", "train", 8, {"repeats": 2, "warmup": 0})]
     p["size"] = size
     return p
 
@@ -136,6 +146,12 @@ def markdown(env: dict, peaks: dict, rows: list[dict], wall_s: float, inits: dic
                      _num(r["model_gflop_per_img"]), _pct(r["mfu"]), _num(r["compile_s"]),
                      common.gib(r["memory"]), r["details"]),
           [r for r in rows if r["section"] in ("model", "parallel")])
+    table("side by side (float32) | JAX img/s | twin img/s | JAX / twin | JAX MFU | twin MFU "
+          "| compile s | memory | details",
+          lambda r: (r["name"], _num(r["img_per_s"]), _num(r.get("twin_img_per_s")),
+                     _num(r.get("ratio")), _pct(r["mfu"]), _pct(r.get("twin_mfu")),
+                     _num(r["compile_s"]), common.gib(r["memory"]), r["details"]),
+          [r for r in rows if r["section"] == "twin"])
     table("FLOPs per image | GFLOP (XLA) | GFLOP (conv + matmul, counted) | details",
           lambda r: (r["name"], _num(r["xla_gflop_per_img"]), _num(r["model_gflop_per_img"]), r["details"]),
           [r for r in rows if r["section"] == "flops"])
@@ -236,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{benches[arch].init_s:.1f} s", file=sys.stderr, flush=True)
         return benches[arch]
 
-    wanted = [d for _, d, *_ in p["model"] if d in dtypes] + [p["lever"]["dtype"], p["branches"]["dtype"],
+    wanted = (["float32"] if "twin" in sections and p["twin"] else [])
+    wanted += [d for _, d, *_ in p["model"] if d in dtypes] + [p["lever"]["dtype"], p["branches"]["dtype"],
                                                                p["padding"]["dtype"]]
     wanted += [p["lever"]["other_dtype"]] if p["lever"]["other_dtype"] in dtypes else []
     peaks = {}
@@ -258,6 +275,16 @@ def main(argv: list[str] | None = None) -> int:
                 log(model_bench.train_row(b, dtype, batch, fused=fused, peak=rate.get(dtype), **timing))
             else:
                 log(model_bench.infer_row(b, dtype, batch, peak=rate.get(dtype), **timing))
+    if "twin" in sections:
+        if not p["twin"]:
+            log(model_bench.row("twin", "PyTorch twin", details="the twin runs on the CPU only; "
+                                "not run on a " + jax.default_backend(), failed="skipped"))
+        for arch, kind, batch, timing in p["twin"]:
+            if arch not in archs or (batches and batch not in batches):
+                continue
+            if args.repeats:
+                timing = {**timing, "repeats": args.repeats}
+            log(model_bench.twin_row(bench(arch), kind, batch, peak=rate.get("float32"), **timing))
     if "flops" in sections:
         for arch in archs:
             for r in model_bench.flop_check_rows(bench(arch)):

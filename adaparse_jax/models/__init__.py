@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from adaparse_jax import targets
+from adaparse_jax.models import conv_ops
 from adaparse_jax.models.adaparse import AdaParse, PersonalizedFEN
 from adaparse_jax.models.dncnn import BatchNorm, ConvBNReLU, DnCNN, dncnn_fen
 from adaparse_jax.models.hypernet import FUSIONS, BroadcastedFusion, DualEncoder, InstanceAwareEncoder
@@ -63,6 +64,9 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       parser_pool: 'flatten' (official) | 'global' (spatial mean, std and max per channel).
       parser_init: 'torch' (official) | 'he' (He-normal kernels, zero biases).
       (The last four are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
+      conv_impl: how the DnCNN's convolutions are computed, the same function either way
+        (`conv_ops.CONV_IMPLS`): 'auto' (default: 'weight_dots' on a CPU backend, where XLA's
+        weight gradients of convolutions are slow, 'xla' elsewhere), 'xla', 'weight_dots'.
       dtype: compute dtype 'float32' | 'bfloat16' ('float64' with jax_enable_x64, for checks);
       param_dtype: parameter dtype.
     """
@@ -94,6 +98,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.parser_input_norm = "none"
     cfg.parser_pool = "flatten"
     cfg.parser_init = "torch"
+    cfg.conv_impl = "auto"
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
     if size == "tiny":
@@ -124,6 +129,8 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
 
     if cfg.arch not in ARCHS:
         fail("arch", f"one of {ARCHS}")
+    if cfg.conv_impl not in conv_ops.CONV_IMPLS:
+        fail("conv_impl", f"one of {conv_ops.CONV_IMPLS}")
     if cfg.fusion not in FUSIONS:
         fail("fusion", f"one of {FUSIONS}")
     for field, choices in (("fen_input", FEN_INPUTS), ("fingerprint_skip", FINGERPRINT_SKIPS),
@@ -173,7 +180,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
                             input_norm=cfg.parser_input_norm, pool=cfg.parser_pool,
                             initializer=cfg.parser_init, **kw)
     if cfg.arch == "renet":
-        return RENet(fen=dncnn_fen(cfg.width, cfg.depth, **kw), parser=parser,
+        return RENet(fen=dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, **kw), parser=parser,
                      image_size=cfg.image_size, fen_input=cfg.fen_input,
                      fingerprint_skip=cfg.fingerprint_skip)
     hypernet = DualEncoder(
@@ -183,9 +190,10 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
         use_instance_code=cfg.use_instance_code, use_base_code=cfg.use_base_code,
         use_hp_code=cfg.use_hp_code, fusion=cfg.fusion, **kw)
     fen = PersonalizedFEN(hypernet=hypernet, width=cfg.width, depth=cfg.depth,
-                          source_block=cfg.source_block, inject_block=cfg.inject_block, **kw)
+                          source_block=cfg.source_block, inject_block=cfg.inject_block,
+                          conv_impl=cfg.conv_impl, **kw)
     return AdaParse(fen=fen, parser=parser, image_size=cfg.image_size, fen_input=cfg.fen_input,
-                     fingerprint_skip=cfg.fingerprint_skip)
+                    fingerprint_skip=cfg.fingerprint_skip)
 
 
 def variable_shapes(cfg: ml_collections.ConfigDict, batch_size: int = 1) -> dict:

@@ -37,6 +37,7 @@ class PersonalizedFEN(nn.Module):
       source_block: the block whose output feeds the hypernetwork (0: the stem's output).
       inject_block: the block after which W mixes the channels; the later blocks and the final
         convolution run on the T folded streams.
+      conv_impl: how the DnCNN's convolutions are computed (`conv_ops.CONV_IMPLS`).
     """
 
     hypernet: DualEncoder
@@ -46,10 +47,12 @@ class PersonalizedFEN(nn.Module):
     inject_block: int = 10
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(width=self.width, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(width=self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                  conv_impl=self.conv_impl)
         f_latent = DnCNN(num_blocks=self.source_block, first_block=1, stem=True, name="shared",
                          **kw)(images, train)
         mixing = self.hypernet(f_latent, train)

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adaparse_jax.models import conv_ops
+
 Dtype = Any
 
 # torch's initialisers, so that training from scratch starts where the official code starts: the
@@ -35,12 +37,16 @@ def torch_bias_init(fan_in: int):
 
 
 def conv3x3(features: int, in_features: int, *, padding: int | str = 1, kaiming: bool = False,
-            **kw) -> nn.Conv:
+            conv_impl: str = "xla", **kw) -> nn.Conv:
     """3x3 convolution with bias and torch's initialisation (`kaiming`: kaiming_normal_ kernel;
-    `kernel_init` / `bias_init` in `kw` replace them)."""
+    `kernel_init` / `bias_init` in `kw` replace them).
+
+    `conv_impl` says how it is computed (`conv_ops.CONV_IMPLS`; the same function either way).
+    """
     kw = dict(kernel_init=KAIMING_NORMAL if kaiming else TORCH_DEFAULT_KERNEL,
               bias_init=torch_bias_init(9 * in_features)) | kw
-    return nn.Conv(features, (3, 3), padding=padding, **kw)
+    return nn.Conv(features, (3, 3), padding=padding,
+                   conv_general_dilated=conv_ops.conv_function(conv_impl), **kw)
 
 
 def dense(features: int, in_features: int, **kw) -> nn.Dense:
@@ -99,11 +105,12 @@ class ConvBNReLU(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = conv3x3(self.features, x.shape[-1], kaiming=True, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="conv")(x)
+                    param_dtype=self.param_dtype, conv_impl=self.conv_impl, name="conv")(x)
         x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
         return nn.relu(x)
 
@@ -119,6 +126,7 @@ class DnCNN(nn.Module):
       stem: start with the DnCNN's first convolution (3x3 + ReLU, no BatchNorm), named `stem`.
       out_channels: end with the final 3x3 convolution to this many channels (no BN, no ReLU),
         named `final`; None for a run that does not end the network.
+      conv_impl: how the convolutions are computed (`conv_ops.CONV_IMPLS`).
     """
 
     width: int = 64
@@ -128,24 +136,26 @@ class DnCNN(nn.Module):
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
+        kw = dict(kaiming=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                  conv_impl=self.conv_impl)
         if self.stem:
-            x = nn.relu(conv3x3(self.width, x.shape[-1], kaiming=True, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name="stem")(x))
+            x = nn.relu(conv3x3(self.width, x.shape[-1], name="stem", **kw)(x))
         for i in range(self.first_block, self.first_block + self.num_blocks):
             x = ConvBNReLU(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name=f"block{i}")(x, train)
+                           conv_impl=self.conv_impl, name=f"block{i}")(x, train)
         if self.out_channels is not None:
-            x = conv3x3(self.out_channels, x.shape[-1], kaiming=True, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="final")(x)
+            x = conv3x3(self.out_channels, x.shape[-1], name="final", **kw)(x)
         return x
 
 
 def dncnn_fen(width: int = 64, depth: int = 17, dtype: Dtype = jnp.float32,
-              param_dtype: Dtype = jnp.float32, name: str | None = None) -> DnCNN:
+              param_dtype: Dtype = jnp.float32, name: str | None = None,
+              conv_impl: str = "xla") -> DnCNN:
     """RE-Net's FEN: the whole DnCNN of `depth` convolutions, images -> one fingerprint [B, H, W, 3]."""
     return DnCNN(width=width, num_blocks=depth - 2, first_block=1, stem=True, out_channels=3,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+                 dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl, name=name)

@@ -1,0 +1,99 @@
+"""How a convolution is computed: XLA's convolution, or its weight gradient as matrix products.
+
+The models' convolutions are stride-1, undilated NHWC/HWIO convolutions (3x3 kernels, padding 1 or
+VALID). For those, `conv_function(impl)` returns a drop-in for `lax.conv_general_dilated` (flax's
+`nn.Conv(conv_general_dilated=...)`) that computes the same function with the same parameters:
+
+  xla           `lax.conv_general_dilated`, with the gradients autodiff derives (XLA
+                convolutions for the forward pass, the input gradient and the weight gradient).
+  weight_dots   forward pass and input gradient as above; the weight gradient as one matrix
+                product per kernel tap, dW[i, j] = sum over (n, h, w) of x_pad[n, h+i, w+j, :]^T
+                dy[n, h, w, :] (a `jax.custom_vjp`). XLA:CPU computes the weight gradient of a
+                convolution as a convolution whose window is the whole image, several times slower
+                per FLOP than the forward pass; the products are 1.4-2x faster than it on the
+                DnCNN's 64 -> 64 convolutions (BENCHMARKS.md, lever "conv weight gradient").
+                Convolutions with fewer than MIN_DOT_CHANNELS input or output channels (the
+                DnCNN's stem and final convolution) keep XLA's weight gradient: a product with a
+                3-wide side is slower than it there.
+  auto          'weight_dots' when the default backend is a CPU, else 'xla' (GPUs have cuDNN's
+                weight-gradient kernels), decided when the model is traced.
+
+Other convolutions (strides, dilation, groups, other layouts) always take `lax.conv_general_dilated`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("auto", "xla", "weight_dots")
+MIN_DOT_CHANNELS = 16
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, padding):
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_weight_dots(x: jax.Array, w: jax.Array, padding: tuple) -> jax.Array:
+    """x [N, H, W, C], w [KH, KW, C, F], padding ((top, bottom), (left, right)) -> [N, H', W', F]."""
+    return _conv(x, w, padding)
+
+
+def _fwd(x, w, padding):
+    return _conv(x, w, padding), (x, w)
+
+
+def _bwd(padding, residuals, dy):
+    x, w = residuals
+    _, input_vjp = jax.vjp(lambda x: _conv(x, w, padding), x)
+    (dx,) = input_vjp(dy)
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    kh, kw = w.shape[:2]
+    ho, wo = dy.shape[1:3]
+    taps = [jnp.einsum("nhwc,nhwf->cf", xp[:, i:i + ho, j:j + wo], dy,
+                       preferred_element_type=jnp.float32)
+            for i in range(kh) for j in range(kw)]
+    dw = jnp.stack(taps).reshape(w.shape).astype(w.dtype)
+    return dx, dw
+
+
+conv_weight_dots.defvjp(_fwd, _bwd)
+
+
+def _explicit_padding(padding, kernel_shape) -> tuple | None:
+    if isinstance(padding, str):
+        return ((0, 0), (0, 0)) if padding.upper() == "VALID" else None
+    pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    return pads if len(pads) == len(kernel_shape) - 2 == 2 else None
+
+
+def conv_function(impl: str):
+    """A `lax.conv_general_dilated` drop-in computing the models' convolutions with `impl`."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"config field conv_impl={impl!r}; expected one of {CONV_IMPLS}")
+    if impl == "xla":
+        return lax.conv_general_dilated
+
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+             preferred_element_type=None):
+        pads = _explicit_padding(padding, rhs.shape)
+        plain = (tuple(window_strides) == (1, 1) and set(lhs_dilation or (1,)) == {1}
+                 and set(rhs_dilation or (1,)) == {1} and feature_group_count == 1
+                 and batch_group_count == 1 and precision is None and preferred_element_type is None
+                 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                 == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+        dots = impl == "weight_dots" or (impl == "auto" and jax.default_backend() == "cpu")
+        if (pads is None or not plain or not dots
+                or min(rhs.shape[-2:]) < MIN_DOT_CHANNELS):
+            return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                            rhs_dilation, dimension_numbers, feature_group_count,
+                                            batch_group_count, precision, preferred_element_type)
+        return conv_weight_dots(lhs, rhs, pads)
+
+    return conv
