@@ -393,6 +393,8 @@ def activation_pass(model, params, batch_stats, batches: Sequence[dict], *, seed
         b = x.shape[0]
         stats = {}
         for path, value in _flat(state["intermediates"]).items():
+            if not path.endswith("/__call__"):  # sown values (the parser's features), not layers
+                continue
             path = path.removesuffix("/__call__")
             stats[path] = _layer_moments(value[0], bool(RELU_LAYERS.search(path)), b)
         fp = out["fingerprints"]

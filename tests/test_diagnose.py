@@ -198,7 +198,10 @@ def test_relu_layer_table_matches_the_models():
         _, state = jax.eval_shape(functools.partial(
             model.apply, train=True, capture_intermediates=diagnose._capture,
             mutable=["batch_stats", "intermediates"], rngs={"dropout": jax.random.key(0)}), variables, x)
-        paths = [p.removesuffix("/__call__") for p in diagnose._flat(state["intermediates"])]
+        flat = diagnose._flat(state["intermediates"])
+        # The parser's sown features sit beside the captured layer outputs ('__call__').
+        assert {p for p in flat if not p.endswith("/__call__")} == {"parser/features"}
+        paths = [p.removesuffix("/__call__") for p in flat if p.endswith("/__call__")]
         relu = [p for p in paths if diagnose.RELU_LAYERS.search(p)]
         heads = [p for p in paths if diagnose.HEAD_LAYERS.match(p)]
         expected = (cfg.depth - 1 + len(cfg.parser_conv_features) + len(cfg.parser_fc_features))

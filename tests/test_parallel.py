@@ -135,6 +135,7 @@ def _train_child(out: str) -> None:
 
     from train_runs import CONFIG, write_tiny_dataset
 
+    from adaparse_jax import evaluation
     from adaparse_jax import train as training
 
     logging.getLogger("adaparse_jax").setLevel(logging.INFO)  # train.log as under train.py
@@ -163,7 +164,9 @@ def _train_child(out: str) -> None:
                             "workdir_made": (out / name).exists()}
     train("one", "--config.devices=1", "--config.eval_at_end=False")
     train("all", "--config.data.loader=device", "--config.fused_steps=2", "--config.max_steps=2")
-    train("all", "--config.data.loader=grain", "--config.fused_steps=2", "--config.devices=8")
+    summary = train("all", "--config.data.loader=grain", "--config.fused_steps=2", "--config.devices=8")
+    assert summary["finished"]
+    evaluation.evaluate_run(summary["workdir"])  # what train.py does next (eval_at_end)
     (out / "errors.json").write_text(json.dumps(errors))
 
 
@@ -312,7 +315,7 @@ def test_checkpoint_of_the_8_device_run_restores_on_one_device(trained):
         in_front_of_bn = name.startswith("params['fen']['block") and name.endswith("['conv']['bias']")
         np.testing.assert_allclose(all8[name], a, rtol=1e-3, atol=8e-4 if in_front_of_bn else 1e-5,
                                    err_msg=name)
-    # train_and_evaluate's final test pass restored it on one device too.
+    # The test pass after training (train.py's evaluate_run) restored it on one device too.
     result = json.loads((trained / "all" / "eval" / "test_metrics_step4.json").read_text())
     assert result["step"] == 4 and np.isfinite(result["metrics"]["l1/continuous_mean"])
 

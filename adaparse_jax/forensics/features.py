@@ -37,21 +37,16 @@ def _extractor(model):
 
     from adaparse_jax import spectral
     from adaparse_jax.data import pipeline
-    from adaparse_jax.models import ParsingNetwork
-
-    last_fc = f"fc{len(model.parser.fc_features)}"
-
-    def is_head_input(module, method_name) -> bool:
-        return (method_name == "__call__" and module.name == last_fc
-                and isinstance(module.parent, ParsingNetwork))
+    from adaparse_jax.models import parsing
 
     def extract(variables, batch):
         images = batch["image"]
         b, s = images.shape[0], images.shape[1]
         outputs, state = model.apply(variables, pipeline.normalize(images), train=False,
-                                     capture_intermediates=is_head_input, mutable=["intermediates"])
-        (pre_relu,) = jax.tree_util.tree_leaves(state["intermediates"])  # [B * T, F]
-        head = jax.nn.relu(pre_relu.astype(jnp.float32)).reshape(b, -1)
+                                     mutable=[parsing.INTERMEDIATES])
+        # The parser's sown features: the heads' inputs, after the last FC layer's ReLU [B, T, F].
+        (features,) = state[parsing.INTERMEDIATES]["parser"][parsing.FEATURES]
+        head = features.astype(jnp.float32).reshape(b, -1)
         fp = outputs["fingerprints"]  # [B, T, S, S, 3]
         spec = spectral.fingerprint_spectra(fp.reshape((-1,) + fp.shape[2:]))["spectrum"]
         logspec = jnp.log(spec).reshape(b, fp.shape[1], s, s).mean(axis=1)
