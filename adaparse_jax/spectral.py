@@ -122,3 +122,37 @@ def fingerprint_spectra(fingerprints, *,
         "lowfreq": spectrum[:, rows, cols],
         "highfreq_max": highfreq_max,
     }
+
+
+# Floor inside the log of `residual_features`' amplitudes (the probe's value).
+RESIDUAL_LOG_FLOOR = 1e-4
+
+
+def num_residual_features(size: int) -> int:
+    """Length of `residual_features` for S x S inputs: (S/2 + 1)^2 + 2^2 + 4^2."""
+    return (size // 2 + 1) ** 2 + 4 + 16
+
+
+def residual_features(gray, xp=jnp):
+    """[N, S, S] gray images (S divisible by 4) -> [N, F] float32: the log amplitude spectrum of the
+    high-pass residual (the image minus its 3x3 mean, reflected borders; the non-redundant quarter
+    of the plane) and the mean absolute residual at each position modulo 2 and 4, where
+    up-sampling leaves periodic traces. `num_residual_features(S)` features.
+
+    The spectral probe's features (`zoo.probe`, with xp=numpy) and the parser's spectral branch
+    (`ParsingNetwork(spectrum=...)`, with jax.numpy, differentiable: the amplitude is
+    sqrt(re^2 + im^2 + tiny), which has a gradient at zero where |z| has none).
+    """
+    n, size = gray.shape[0], gray.shape[1]
+    if gray.ndim != 3 or gray.shape[2] != size or size % 4:
+        raise ValueError(f"expected [N, S, S] gray images with S divisible by 4, got {gray.shape}")
+    gray = gray.astype(xp.float32)
+    pad = xp.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+    residual = gray - sum(pad[:, i: i + size, j: j + size] for i in range(3) for j in range(3)) / 9.0
+    half = size // 2 + 1
+    f = xp.fft.fft2(residual)[:, :half, :half]
+    amplitude = xp.sqrt(xp.square(f.real) + xp.square(f.imag) + 1e-20)
+    spectrum = xp.log(amplitude + RESIDUAL_LOG_FLOOR).reshape(n, -1)
+    periodic = [xp.abs(residual.reshape(n, size // p, p, size // p, p).mean((1, 3))).reshape(n, -1)
+                for p in (2, 4)]
+    return xp.concatenate([spectrum, *periodic], axis=1).astype(xp.float32)

@@ -19,8 +19,8 @@ RNG = np.random.default_rng(0)
 
 def test_official_defaults_are_unchanged():
     m = models.model_config("adaparse")
-    assert (m.fen_input, m.parser_input_norm, m.parser_pool, m.parser_init) == (
-        "image", "none", "flatten", "torch")
+    assert (m.fen_input, m.parser_input_norm, m.parser_pool, m.parser_init, m.parser_spectrum) == (
+        "image", "none", "flatten", "torch", "none")
     lc = losses.default_loss_config()
     assert (lc.lowfreq_window, lc.constraint_scale, lc.constraint_ramp_steps) == ("clamped", 1.0, 0)
     opt = train_lib.default_config().optimizer
@@ -129,8 +129,57 @@ def test_rms_input_norm_makes_the_parser_ignore_the_fingerprint_scale():
     np.testing.assert_allclose(a["continuous"], b["continuous"], rtol=1e-4)
 
 
+def _numpy_residual_features(gray):
+    """The spectral probe's features, written out in NumPy (reflected 3x3 mean, |FFT|)."""
+    n, s = gray.shape[:2]
+    pad = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+    r = gray - ndimage.uniform_filter(pad, size=(1, 3, 3), mode="constant")[:, 1:-1, 1:-1]
+    spectrum = np.log(np.abs(np.fft.fft2(r))[:, : s // 2 + 1, : s // 2 + 1] + 1e-4).reshape(n, -1)
+    mod2 = np.abs(np.stack([r[:, i::2, j::2].mean((1, 2)) for i in range(2) for j in range(2)], 1))
+    mod4 = np.abs(np.stack([r[:, i::4, j::4].mean((1, 2)) for i in range(4) for j in range(4)], 1))
+    return np.concatenate([spectrum, mod2, mod4], 1)
+
+
+def test_residual_features_match_numpy_in_both_namespaces():
+    gray = RNG.normal(size=(3, 16, 16)).astype(np.float32)
+    expected = _numpy_residual_features(gray.astype(np.float64))
+    assert expected.shape == (3, spectral.num_residual_features(16)) == (3, 81 + 20)
+    np.testing.assert_allclose(spectral.residual_features(gray, xp=np), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(spectral.residual_features(jnp.asarray(gray)), expected, rtol=1e-4, atol=1e-4)
+    # Differentiable even where the residual vanishes (|z| has no gradient at 0).
+    g = jax.grad(lambda x: spectral.residual_features(x).sum())(jnp.ones((1, 16, 16)))
+    assert np.all(np.isfinite(g))
+
+
+def test_parser_spectrum_branch_reads_the_fingerprint_spectrum():
+    model, v, x = _init(parser_spectrum="only")
+    p = v["params"]["parser"]
+    assert not any(k.startswith("conv") for k in p)  # 'only': no conv stages
+    assert p["fc1"]["kernel"].shape[0] == spectral.num_residual_features(32)
+    fp = jnp.asarray(RNG.normal(size=(4, 1, 32, 32, 3)), jnp.float32)
+    variables = {"params": p, "batch_stats": v["batch_stats"]["parser"]}
+    # Eval mode: the BatchNorm'd probe features of the channel-mean fingerprint feed fc1.
+    feats = spectral.residual_features(fp[:, 0].mean(-1))
+    stats = v["batch_stats"]["parser"]["spectrum_bn"]
+    bn = (feats - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * p["spectrum_bn"]["scale"] + p["spectrum_bn"]["bias"]
+    h = bn
+    for i in (1, 2, 3):
+        h = jax.nn.relu(h @ p[f"fc{i}"]["kernel"] + p[f"fc{i}"]["bias"])
+    up = h @ p["head_upsampling"]["kernel"] + p["head_upsampling"]["bias"]
+    np.testing.assert_allclose(model.parser.apply(variables, fp)["logits"]["upsampling"], up, rtol=1e-4, atol=1e-5)
+    # A constant offset of the fingerprint leaves its residual, hence the spectral branch, unchanged.
+    np.testing.assert_allclose(model.parser.apply(variables, fp + 2.0)["logits"]["upsampling"], up,
+                               rtol=1e-4, atol=1e-4)
+    _, concat, _ = _init(parser_spectrum="concat")
+    _, flat, _ = _init()
+    width = concat["params"]["parser"]["fc1"]["kernel"].shape[0]
+    assert width == flat["params"]["parser"]["fc1"]["kernel"].shape[0] + spectral.num_residual_features(32)
+    assert "spectrum_bn" not in flat["params"]["parser"]
+
+
 @pytest.mark.parametrize("arg, value", [("fen_input", "hp"), ("parser_pool", "avg"),
-                                        ("parser_init", "xavier"), ("parser_input_norm", "l2")])
+                                        ("parser_init", "xavier"), ("parser_input_norm", "l2"),
+                                        ("parser_spectrum", "fft")])
 def test_bad_model_option_names_the_field(arg, value):
     cfg = models.model_config("renet", "tiny")
     cfg[arg] = value

@@ -28,6 +28,7 @@ from adaparse_jax.models.parsing import (
     PARSER_INITS,
     PARSER_INPUT_NORMS,
     PARSER_POOLS,
+    PARSER_SPECTRA,
     FENParser,
     ParsingNetwork,
     head_features,
@@ -63,7 +64,9 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       parser_input_norm: 'none' (official) | 'rms' (each fingerprint scaled to unit RMS).
       parser_pool: 'flatten' (official) | 'global' (spatial mean, std and max per channel).
       parser_init: 'torch' (official) | 'he' (He-normal kernels, zero biases).
-      (The last four are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
+      parser_spectrum: 'none' (official) | 'concat' | 'only': the parser's spectral branch (the
+        probe's features of each fingerprint, `parsing.ParsingNetwork`) beside or instead of its convs.
+      (The last five are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
       conv_impl: how the DnCNN's convolutions are computed, the same function either way
         (`conv_ops.CONV_IMPLS`): 'auto' (default: 'weight_dots' on a CPU backend, where XLA's
         weight gradients of convolutions are slow, 'xla' elsewhere), 'xla', 'weight_dots'.
@@ -98,6 +101,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.parser_input_norm = "none"
     cfg.parser_pool = "flatten"
     cfg.parser_init = "torch"
+    cfg.parser_spectrum = "none"
     cfg.conv_impl = "auto"
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
@@ -135,7 +139,8 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
         fail("fusion", f"one of {FUSIONS}")
     for field, choices in (("fen_input", FEN_INPUTS), ("fingerprint_skip", FINGERPRINT_SKIPS),
                            ("parser_input_norm", PARSER_INPUT_NORMS),
-                           ("parser_pool", PARSER_POOLS), ("parser_init", PARSER_INITS)):
+                           ("parser_pool", PARSER_POOLS), ("parser_init", PARSER_INITS),
+                           ("parser_spectrum", PARSER_SPECTRA)):
         if cfg[field] not in choices:
             fail(field, f"one of {choices}")
     for field in ("dtype", "param_dtype"):
@@ -144,6 +149,9 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     for field in ("image_size", "width", "code_dim", "hidden_dim"):
         if not isinstance(cfg[field], int) or isinstance(cfg[field], bool) or cfg[field] < 1:
             fail(field, "a positive integer")
+    if cfg.parser_spectrum != "none" and cfg.image_size % 4:
+        fail("parser_spectrum", "'none' for an image_size not divisible by 4 (the spectral branch "
+                                "reads positions modulo 4)")
     if not isinstance(cfg.depth, int) or cfg.depth < 2:
         fail("depth", "an integer >= 2 (stem and final convolution)")
     for field in ("extractor_features", "fc_features", "parser_conv_features", "parser_fc_features"):
@@ -178,7 +186,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
     parser = ParsingNetwork(tuple(cfg.parser_conv_features), tuple(cfg.parser_fc_features),
                             float(cfg.dropout), explicit_padding=cfg.parser_explicit_padding,
                             input_norm=cfg.parser_input_norm, pool=cfg.parser_pool,
-                            initializer=cfg.parser_init, **kw)
+                            initializer=cfg.parser_init, spectrum=cfg.parser_spectrum, **kw)
     if cfg.arch == "renet":
         return RENet(fen=dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, **kw), parser=parser,
                      image_size=cfg.image_size, fen_input=cfg.fen_input,

@@ -25,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adaparse_jax import targets
-from adaparse_jax.models.dncnn import conv3x3, dense
+from adaparse_jax import spectral, targets
+from adaparse_jax.models.dncnn import BatchNorm, conv3x3, dense
 
 Dtype = Any
 # Collection and name under which the parser sows its per-fingerprint features [B, T, F] (the
@@ -39,6 +39,7 @@ FINGERPRINT_SKIPS = ("none", "highpass")
 PARSER_INPUT_NORMS = ("none", "rms")
 PARSER_POOLS = ("flatten", "global")
 PARSER_INITS = ("torch", "he")
+PARSER_SPECTRA = ("none", "concat", "only")
 # He-normal kernels and zero biases (`parser_init='he'`): keeps the activations' spread through
 # the parser's 8 layers, where torch's default U(+-1/sqrt(fan_in)) shrinks it by ~sqrt(3) a layer.
 HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -98,6 +99,13 @@ class ParsingNetwork(nn.Module):
         padding=2 to the convolution: the same function (same parameters, outputs and gradients),
         but XLA:CPU computes the weight gradient of a padding-2 convolution on a slow path, 20-60x
         slower (BENCHMARKS.md, lever "parser padding").
+      input_norm, pool, initializer: the learning options `parser_input_norm`, `parser_pool` and
+        `parser_init` of `models.model_config`.
+      spectrum: 'none' (official) | 'concat' | 'only': a spectral branch, `spectral.residual_features`
+        of each fingerprint's channel mean (the log amplitude spectrum of its high-pass residual
+        and its periodic position means: what the spectral probe reads from images) through a
+        BatchNorm (`spectrum_bn`), concatenated with the pooled conv features before the FC layers
+        ('concat') or in their place ('only': no conv stages are built).
     """
 
     conv_features: tuple[int, ...] = (32, 64, 128, 256, 512)
@@ -107,6 +115,7 @@ class ParsingNetwork(nn.Module):
     input_norm: str = "none"
     pool: str = "flatten"
     initializer: str = "torch"
+    spectrum: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -119,13 +128,20 @@ class ParsingNetwork(nn.Module):
         x = fingerprints.reshape(b * t, *fingerprints.shape[2:]).astype(self.dtype)
         if self.input_norm == "rms":
             x = rms_normalize(x)
-        for i, f in enumerate(self.conv_features, start=1):
-            if self.explicit_padding:
-                x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
-            x = nn.relu(conv3x3(f, x.shape[-1], padding="VALID" if self.explicit_padding else 2,
-                                name=f"conv{i}", **kw)(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = global_pool(x) if self.pool == "global" else x.reshape(b * t, -1)
+        branches = []
+        if self.spectrum != "none":
+            spec = spectral.residual_features(x.astype(jnp.float32).mean(-1))
+            spec = BatchNorm(name="spectrum_bn", dtype=self.dtype, param_dtype=self.param_dtype)(spec, train)
+            branches.append(spec.astype(self.dtype))
+        if self.spectrum != "only":
+            for i, f in enumerate(self.conv_features, start=1):
+                if self.explicit_padding:
+                    x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+                x = nn.relu(conv3x3(f, x.shape[-1], padding="VALID" if self.explicit_padding else 2,
+                                    name=f"conv{i}", **kw)(x))
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            branches.insert(0, global_pool(x) if self.pool == "global" else x.reshape(b * t, -1))
+        x = jnp.concatenate(branches, axis=-1) if len(branches) > 1 else branches[0]
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         for i, f in enumerate(self.fc_features, start=1):
             x = nn.relu(dense(f, x.shape[-1], name=f"fc{i}", **kw)(x))

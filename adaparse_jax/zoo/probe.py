@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adaparse_jax import stats, targets
+from adaparse_jax import spectral, stats, targets
 
 C = 0.05  # inverse L2 strength of the logistic regression (scikit-learn's C)
 
@@ -36,24 +36,18 @@ def load_images(root: str | os.PathLike, name: str) -> np.ndarray:
 
 
 def spectral_features(images: np.ndarray) -> np.ndarray:
-    """[N, S, S, 3] (S divisible by 4) -> [N, F] float: the log amplitude spectrum of the gray
-    high-pass residual (image minus its 3x3 mean; the non-redundant quarter of the plane) and the
-    mean absolute residual at each position modulo 2 and 4 (periodic up-sampling patterns).
+    """[N, S, S, 3] (S divisible by 4) -> [N, F] float32: `spectral.residual_features` of the
+    channel-mean gray image (the log amplitude spectrum of its high-pass residual and the mean
+    absolute residual at each position modulo 2 and 4, where up-sampling leaves periodic traces).
 
     uint8 images are read as pixels / 255; float arrays (e.g. fingerprints) as they are."""
-    n, size = len(images), images.shape[1]
+    size = images.shape[1] if images.ndim > 1 else 0
     if images.ndim != 4 or images.shape[2] != size or images.shape[3] != 3 or size % 4:
         raise ValueError(f"expected [N, S, S, 3] images with S divisible by 4, got {images.shape}")
     gray = images.astype(np.float32).mean(-1)
     if images.dtype == np.uint8:
         gray /= 255.0
-    pad = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="reflect")
-    residual = gray - sum(pad[:, i: i + size, j: j + size] for i in range(3) for j in range(3)) / 9.0
-    half = size // 2 + 1
-    spectrum = np.log(np.abs(np.fft.fft2(residual)) + 1e-4)[:, :half, :half].reshape(n, -1)
-    periodic = [np.abs(residual.reshape(n, size // p, p, size // p, p).mean((1, 3))).reshape(n, -1)
-                for p in (2, 4)]
-    return np.concatenate([spectrum, *periodic], axis=1)
+    return spectral.residual_features(gray, xp=np)
 
 
 def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
