@@ -32,6 +32,7 @@ TINY_RUNS_MODULES = {"test_train_e2e", "test_eval", "test_scoring", "test_runs",
                      "test_diagnose"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (else no grouping)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = Path(str(item.fspath)).stem
