@@ -28,8 +28,9 @@ import ml_collections
 from adaparse_jax import atomic, demo_config, evaluation, models, reporting, scoring, zoo
 from adaparse_jax import train as training
 from adaparse_jax.data import re116
-from adaparse_jax.zoo import build as zoo_build
 from adaparse_jax.zoo import probe as zoo_probe
+from adaparse_jax.zoo import settings as zoo_settings
+from adaparse_jax.zoo import worker as zoo_worker
 
 DEFAULT_CONFIG = Path(demo_config.__file__)  # configs/demo.py re-exports it
 ZOO_DIR, CACHE_DIR, RUNS_DIR, RESULTS_DIR, XLA_CACHE_DIR = "zoo", "cache", "runs", "results", "xla_cache"
@@ -71,7 +72,7 @@ def build_zoo(config: ml_collections.ConfigDict, *, progress: bool = True) -> di
     manifest_path = zoo_dir(config) / "manifest.json"
     if z.keep_existing and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        current = zoo_build.settings_hash(zoo_build.settings_of(zoo_config))
+        current = zoo_settings.settings_hash(zoo_settings.settings_of(zoo_config))
         if manifest.get("settings_hash") != current:
             log.warning("zoo %s was built with settings %s, the current code and config give %s; "
                         "kept as it is (config.zoo.keep_existing)", zoo_dir(config),
@@ -189,7 +190,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progre
     """Train (or resume, or reuse) every run; returns one summary per run, in the order of `runs`.
 
     config.workers > 1 trains that many runs at once, each in a spawned process with
-    single-threaded XLA (`zoo.build.WORKER_ENV`): on the project's 2-core CPU two such processes
+    single-threaded XLA (`zoo.settings.WORKER_ENV`): on the project's 2-core CPU two such processes
     delivered 1.4x the images per second of one process using both cores (demo AdaParse, batch 16:
     2 x 17.0 vs 24.0 img/s). Every process shares the demo's persistent compilation cache.
     """
@@ -206,8 +207,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progre
         for i in range(len(runs)):
             done(i, _train_one(config, runs[i], progress=progress))
         return summaries
-    env = dict(zoo_build.WORKER_ENV)
-    with zoo_build.worker_environment(env), concurrent.futures.ProcessPoolExecutor(
+    env = dict(zoo_settings.WORKER_ENV)
+    with zoo_worker.worker_environment(env), concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_train_in_worker, config.to_dict(), runs[i]): i for i in _cost_order(runs)}
         try:

@@ -318,6 +318,30 @@ def plot_tsne(embeddings: Mapping[str, np.ndarray], classes: Mapping[str, np.nda
 # The command.
 
 
+def _pick_images(run, images, folder, split, per_generator: int, result: dict) -> tuple:
+    """(pixels, names, rows, dataset, where) of the images to show: `split`'s images from the run's
+    cache, or the given images / folder. rows: their label rows in the run's dataset (-1: unknown);
+    where: the images in words. Skipped files and notes go into `result`."""
+    dataset = None
+    if split is not None:
+        dataset, run_split, cache = _run_data(run.config)
+        pixels, rows, gens = split_pixels(dataset, run_split, cache, split, per_generator)
+        names = [f"{split} image {i}" for i in range(len(pixels))]
+        where = f"{len(pixels)} images of the run's {len(gens)} {split} generators"
+    else:
+        pixels, names, skipped = read_images(images, folder, run.spec.image_size)
+        result["skipped"] = skipped
+        try:
+            dataset, _, _ = _run_data(run.config)
+            rows = labels_of_paths(dataset, names)
+        except VisualizeError as e:
+            rows = np.full(len(pixels), -1)
+            result["notes"].append(str(e))
+        gens = sorted({int(r) for r in rows if r >= 0})
+        where = f"{int((rows >= 0).sum())} labelled images of {len(gens)} generators"
+    return pixels, names, rows, dataset, where
+
+
 def visualize(workdir, images: Sequence | None = None, *, folder=None, split: str | None = None,
               out, step: int | None = None, index: int = 0, spectra_of: str = "fingerprint",
               per_generator: int = 32, seed: int = 0, allow_untrained: bool = False,
@@ -331,27 +355,11 @@ def visualize(workdir, images: Sequence | None = None, *, folder=None, split: st
         raise VisualizeError("give images, a folder or a split (exactly one)")
     run, warning = open_run(workdir, step, allow_untrained=allow_untrained)
     vocab = run_vocabulary(run)
-    size = run.spec.image_size
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"files": {}, "notes": [warning] if warning else []}
-    dataset = None
-    if split is not None:
-        dataset, run_split, cache = _run_data(run.config)
-        pixels, rows, gens = split_pixels(dataset, run_split, cache, split, per_generator)
-        names = [f"{split} image {i}" for i in range(len(pixels))]
-        where = f"{len(pixels)} images of the run's {len(gens)} {split} generators"
-    else:
-        pixels, names, skipped = read_images(images, folder, size)
-        result["skipped"] = skipped
-        try:
-            dataset, _, _ = _run_data(run.config)
-            rows = labels_of_paths(dataset, names)
-        except VisualizeError as e:
-            rows = np.full(len(pixels), -1)
-            result["notes"].append(str(e))
-        gens = sorted({int(r) for r in rows if r >= 0})
-        where = f"{int((rows >= 0).sum())} labelled images of {len(gens)} generators"
+    pixels, names, rows, dataset, where = _pick_images(run, images, folder, split, per_generator,
+                                                       result)
     if not 0 <= index < len(pixels):
         raise VisualizeError(f"--index {index}: there are {len(pixels)} images (0..{len(pixels) - 1})")
 

@@ -20,8 +20,8 @@ from adaparse_jax import convert, models, targets
 from adaparse_jax import train as training
 from adaparse_jax.data import cache as cache_lib
 from adaparse_jax.data import re116, synthetic
-from adaparse_jax.zoo import build as zoo_build
 from adaparse_jax.zoo import schema
+from adaparse_jax.zoo import settings as zoo_settings
 
 SIZE = 32
 # The zoo's form: min and max per count, "parameters" on a log10 scale (10^3 .. 10^6 here).
@@ -65,7 +65,7 @@ def write_dataset(root: Path, manifest: bool) -> Path:
                                  num_splits=2, test_per_split=2, size=SIZE).parent
     if manifest:
         (ds / "manifest.json").write_text(json.dumps({
-            "format": zoo_build.ZOO_FORMAT,
+            "format": zoo_settings.ZOO_FORMAT,
             "class_names": {k: list(v) for k, v in schema.CLASS_NAMES.items()},
             "count_normalisation": COUNT_RANGES}))
     cache_lib.prepare_dataset(re116.load_dataset(ds), root / "cache",

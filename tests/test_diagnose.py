@@ -196,9 +196,9 @@ def test_relu_layer_table_matches_the_models():
         x = jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), jnp.float32)
         variables = models.variable_shapes(cfg)
         _, state = jax.eval_shape(functools.partial(
-            model.apply, train=True, capture_intermediates=diagnose._capture,
+            model.apply, train=True, capture_intermediates=diagnose.activations._capture,
             mutable=["batch_stats", "intermediates"], rngs={"dropout": jax.random.key(0)}), variables, x)
-        flat = diagnose._flat(state["intermediates"])
+        flat = diagnose.subject.flat(state["intermediates"])
         # The parser's sown features sit beside the captured layer outputs ('__call__').
         assert {p for p in flat if not p.endswith("/__call__")} == {"parser/features"}
         paths = [p.removesuffix("/__call__") for p in flat if p.endswith("/__call__")]

@@ -22,7 +22,7 @@ import pytest
 from flax import traverse_util
 
 from adaparse_jax import targets
-from adaparse_jax.zoo import build, generators, photos, probe, recipes, schema
+from adaparse_jax.zoo import build, generators, photos, probe, recipes, schema, settings, worker
 
 WORKERS = min(2, os.cpu_count() or 1)
 
@@ -38,7 +38,7 @@ def compile_cache(tmp_path_factory) -> Path:
 def tiny_zoo(tmp_path_factory, compile_cache):
     """(directory, config, manifest) of the tiny trained zoo, built once per session."""
     out = tmp_path_factory.mktemp("zoo") / "tiny"
-    config = build.zoo_config("tiny")
+    config = settings.zoo_config("tiny")
     manifest = build.build_zoo(out, config, workers=WORKERS, progress=False,
                                compilation_cache=compile_cache)
     return out, config, manifest
@@ -235,16 +235,16 @@ def test_recipe_flags_and_groups():
 def test_degradations():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    assert build.degrade(x, "identity", rng, (-1, 1)) is x
-    blur = build.degrade(x, "blur", rng, (-1, 1))
+    assert worker.degrade(x, "identity", rng, (-1, 1)) is x
+    blur = worker.degrade(x, "blur", rng, (-1, 1))
     np.testing.assert_allclose(blur[:, 0, 0], x[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
     assert np.array_equal(blur[:, 0, 0], blur[:, 1, 1])
-    gray = build.degrade(x, "grayscale", rng, (-1, 1))
+    gray = worker.degrade(x, "grayscale", rng, (-1, 1))
     assert np.allclose(gray[..., 0], gray[..., 2]) and np.allclose(gray[..., 0], x.mean(-1))
-    noisy = build.degrade(x, "noise", rng, (-1, 1))
+    noisy = worker.degrade(x, "noise", rng, (-1, 1))
     assert noisy.min() >= -1 and noisy.max() <= 1 and 0.05 < np.abs(noisy - x).mean() < 0.3
     with pytest.raises(ValueError, match="degradation"):
-        build.degrade(x, "jpeg", rng, (-1, 1))
+        worker.degrade(x, "jpeg", rng, (-1, 1))
 
 
 class _DivergingTrainer:
@@ -273,19 +273,19 @@ class _DivergingTrainer:
 
 
 def test_diverging_training_is_retried_with_half_the_lr(monkeypatch):
-    config = build.zoo_config("tiny", generators=4, images=4, steps=3)
+    config = settings.zoo_config("tiny", generators=4, images=4, steps=3)
     spec = build.zoo_specs(config)[0]
     pools = {"train": np.zeros((8, 32, 32, 3), np.uint8), "sample": np.zeros((8, 32, 32, 3), np.uint8)}
     fake = _DivergingTrainer(spec.arch, limit=spec.lr_scale * 0.3)
     monkeypatch.setattr(recipes, "make_trainer", lambda arch, recipe: fake)
-    images, record = build.build_generator(spec, config, pools)
+    images, record = worker.build_generator(spec, config, pools)
     assert [c[0] for c in fake.calls] == [spec.lr_scale, spec.lr_scale / 2, spec.lr_scale / 4]
     assert all(c[1:] == fake.calls[0][1:] for c in fake.calls)  # same initial weights and data
     assert record["training"]["learning_rate_halvings"] == 2 and images.shape == (4, 32, 32, 3)
     fake.limit, fake.calls = 0.0, []
     with pytest.raises(FloatingPointError, match=spec.name):
-        build.build_generator(spec, config, pools)
-    assert len(fake.calls) == build.MAX_ATTEMPTS
+        worker.build_generator(spec, config, pools)
+    assert len(fake.calls) == worker.MAX_ATTEMPTS
 
 
 # ----------------------------------------------------------------------------- photographs
@@ -412,23 +412,26 @@ def test_finished_zoo_is_reused(tiny_zoo):
 
 
 def test_code_hash_covers_the_modules_that_make_files_and_only_those(tmp_path, monkeypatch):
-    """Every module of the zoo package is listed as a builder (hashed) or a reader (not hashed);
-    editing a reader (the CLI, the probe) keeps built zoos valid, editing a builder does not."""
-    package = Path(build.__file__).parent
+    """Every module of the zoo package is listed as a builder (hashed) or not (the settings, whose
+    content enters them as values; readers: the CLI, the probe); editing one of the others keeps
+    built zoos valid, editing a builder does not."""
+    package = Path(settings.__file__).parent
     modules = {p.name for p in package.glob("*.py")}
-    assert modules == set(build.BUILD_SOURCES) | set(build.READER_SOURCES), (
-        "a new module in adaparse_jax/zoo: add it to build.BUILD_SOURCES if it shapes a zoo's "
-        "files, else to build.READER_SOURCES")
-    assert not set(build.BUILD_SOURCES) & set(build.READER_SOURCES)
+    assert modules == set(settings.BUILD_SOURCES) | set(settings.OTHER_SOURCES), (
+        "a new module in adaparse_jax/zoo: add it to settings.BUILD_SOURCES if it shapes a zoo's "
+        "files, else to settings.OTHER_SOURCES")
+    assert not set(settings.BUILD_SOURCES) & set(settings.OTHER_SOURCES)
     copy = tmp_path / "zoo"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(build, "__file__", str(copy / "build.py"))
-    original = build.code_hash()
+    monkeypatch.setattr(settings, "__file__", str(copy / "settings.py"))
+    original = settings.code_hash()
     (copy / "probe.py").write_text((copy / "probe.py").read_text() + "\n# an edit\n")
     (copy / "__main__.py").write_text((copy / "__main__.py").read_text() + "\n# an edit\n")
-    assert build.code_hash() == original
+    (copy / "settings.py").write_text((copy / "settings.py").read_text() + "\n# an edit\n")
+    assert settings.code_hash() == original
     (copy / "recipes.py").write_text((copy / "recipes.py").read_text() + "\n# an edit\n")
-    assert build.code_hash() != original
+    assert settings.code_hash() != original
+    assert settings.code_hash() == settings.source_hash()  # SAME_FILES_AS holds exact sources only
 
 
 def test_directory_rules(tmp_path):
@@ -436,7 +439,7 @@ def test_directory_rules(tmp_path):
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds no zoo"):
-        build.build_zoo(stranger, build.zoo_config("tiny"), progress=False)
+        build.build_zoo(stranger, settings.zoo_config("tiny"), progress=False)
     assert (stranger / "notes.txt").read_text() == "mine"
     old = tmp_path / "old"
     (old / "images" / "G000").mkdir(parents=True)
@@ -448,21 +451,21 @@ def test_directory_rules(tmp_path):
     busy = tmp_path / "busy"
     with build._exclusive(busy):
         with pytest.raises(RuntimeError, match="another zoo build is writing"):
-            build.build_zoo(busy, build.zoo_config("tiny"), progress=False)
+            build.build_zoo(busy, settings.zoo_config("tiny"), progress=False)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
-        build.build_zoo(broken, build.zoo_config("tiny"), progress=False)
+        build.build_zoo(broken, settings.zoo_config("tiny"), progress=False)
     with pytest.raises(ValueError, match="ZooConfig.folds"):
-        build.zoo_config("tiny", folds=1)
+        settings.zoo_config("tiny", folds=1)
     with pytest.raises(ValueError, match="unknown zoo size"):
-        build.zoo_config("huge")
+        settings.zoo_config("huge")
 
 
 def test_untrained_twin_has_the_same_labels(tiny_zoo, tmp_path_factory, compile_cache):
     root, config, manifest = tiny_zoo
-    twin_config = build.zoo_config("tiny", trained=False)
+    twin_config = settings.zoo_config("tiny", trained=False)
     twin = tmp_path_factory.mktemp("zoo") / "tiny_untrained"
     twin_manifest = build.build_zoo(twin, twin_config, workers=WORKERS, progress=False,
                                     compilation_cache=compile_cache)
@@ -538,8 +541,8 @@ def test_cli_probe_prints_the_table_and_names_an_unknown_attribute(tiny_zoo, cap
 
 def test_settings_hash_covers_targets_py(tmp_path, monkeypatch):
     """targets.py writes the zoo's label columns and groups: changing it must rebuild a zoo."""
-    before = build.code_hash()
+    before = settings.code_hash()
     changed = tmp_path / "targets.py"
     changed.write_text(Path(targets.__file__).read_text() + "\n# another label column\n")
     monkeypatch.setattr(targets, "__file__", str(changed))
-    assert build.code_hash() != before
+    assert settings.code_hash() != before

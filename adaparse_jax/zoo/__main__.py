@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from adaparse_jax.zoo.build import SIZES, build_zoo, zoo_config
+from adaparse_jax.zoo.build import build_zoo
+from adaparse_jax.zoo.settings import SIZES, zoo_config
 
 
 def main(argv=None) -> None:

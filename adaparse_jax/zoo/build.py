@@ -22,23 +22,21 @@ with single-threaded XLA on the CPU, from NumPy/JAX random streams keyed by (see
 generator index), so neither the number of workers nor the order of completion changes a file.
 
 Reuse: a finished zoo whose settings hash matches (the settings include a hash of the modules
-that make the files, `BUILD_SOURCES`) is returned as is; an unfinished one with the same settings
-resumes, rebuilding only generators without a record; a zoo with other settings is removed and
-rebuilt. A non-empty directory that is not a zoo is refused.
+that make the files, `settings.BUILD_SOURCES`) is returned as is; an unfinished one with the same
+settings resumes, rebuilding only generators without a record; a zoo with other settings is
+removed and rebuilt. A non-empty directory that is not a zoo is refused.
+
+This module drives a build and assembles the label tables, splits and manifest; `settings` holds
+the settings and their hash, `worker` builds one generator in a worker process.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
-import hashlib
-import importlib.metadata
-import json
 import multiprocessing
 import os
 import shutil
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -46,8 +44,21 @@ import numpy as np
 
 from adaparse_jax import atomic, targets
 from adaparse_jax.zoo import photos, schema
+from adaparse_jax.zoo.settings import (
+    WORKER_ENV,
+    ZOO_FORMAT,
+    ZooConfig,
+    settings_hash,
+    settings_of,
+)
+from adaparse_jax.zoo.worker import (
+    SPLIT_STREAM,
+    build_and_write,
+    read_json,
+    worker_environment,
+    write_json,
+)
 
-ZOO_FORMAT = "adaparse-jax synthetic zoo v1"
 NET_FILE = "ground_truth_net_15dim.npy"
 LOSS10_FILE = "ground_truth_loss_10dim.npy"
 LOSS3_FILE = "ground_truth_loss_3dim.npy"
@@ -59,117 +70,6 @@ DATASET_JSON = {
                targets.LOSS10_TABLE: f"labels/{LOSS10_FILE}",
                targets.LOSS3_TABLE: f"labels/{LOSS3_FILE}"},
 }
-# Random streams of one zoo seed, besides schema.SCHEMA_STREAM and photos.PHOTO_STREAM.
-INIT_STREAM, TRAIN_STREAM, SAMPLE_STREAM, SPLIT_STREAM = 2, 3, 4, 5
-SAMPLE_CHUNK = 50  # images per sampler call; a fixed shape so one compile serves every chunk
-MAX_ATTEMPTS = 3  # training runs per generator (the lr halved after a non-finite one)
-WORKER_ENV = {
-    # Single-threaded XLA per worker (the zoo prototype measured about 2x the throughput of one
-    # two-thread process on this project's CPU), and the same numerics whatever the core count.
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-    "JAX_PLATFORMS": "cpu",
-    "OMP_NUM_THREADS": "1",
-}
-LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "scikit-image", "pillow")
-
-
-@dataclasses.dataclass(frozen=True)
-class ZooConfig:
-    """Settings of one zoo. Everything here enters the settings hash.
-
-    Attributes:
-      size: the preset it came from ("tiny", "demo", "bench", or "custom").
-      generators: number of generators G.
-      images: images sampled per generator.
-      steps: training steps per generator (ignored when not trained).
-      batch: training batch size.
-      folds: k of the k-fold split by generator (`splits.json`).
-      architectures: nuisance choices, "full" or "small" (`schema.NUISANCE`).
-      trained: False builds the untrained twin (same architectures, labels and initial weights).
-      seed: the zoo seed.
-      train_crops, sample_crops: sizes of the two crop pools (`photos.crop_pool`).
-    """
-
-    size: str
-    generators: int
-    images: int
-    steps: int
-    batch: int = 16
-    folds: int = 5
-    architectures: str = "full"
-    trained: bool = True
-    seed: int = 0
-    train_crops: int = 8192
-    sample_crops: int = 4096
-
-    def __post_init__(self):
-        for name in ("generators", "images", "steps", "batch", "train_crops", "sample_crops"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ZooConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.folds <= self.generators:
-            raise ValueError(f"ZooConfig.folds must be in 2..generators ({self.generators}), "
-                             f"got {self.folds}")
-        if self.architectures not in schema.NUISANCE:
-            raise ValueError(f"ZooConfig.architectures={self.architectures!r}; expected one of "
-                             f"{sorted(schema.NUISANCE)}")
-        if self.images > self.sample_crops:
-            raise ValueError(f"ZooConfig.images ({self.images}) exceeds sample_crops "
-                             f"({self.sample_crops}): conditioning crops are drawn without "
-                             "replacement")
-
-
-# Measured build times (2 workers on this project's 2-core CPU) are in the README's zoo section.
-SIZES = {
-    # The test suite's zoo: the smallest architectures and a few steps, since compiling dominates.
-    "tiny": dict(generators=24, images=32, steps=10, folds=4, architectures="small"),
-    "demo": dict(generators=60, images=100, steps=100, folds=5),
-    "bench": dict(generators=240, images=200, steps=150, folds=5),
-}
-
-
-def zoo_config(size: str = "tiny", **overrides) -> ZooConfig:
-    """The preset `size` with field overrides (e.g. trained=False, seed=3, generators=12)."""
-    if size not in SIZES:
-        raise ValueError(f"unknown zoo size {size!r}; expected one of {sorted(SIZES)}")
-    fields = dict(SIZES[size], **overrides)
-    return ZooConfig(size=size if not set(overrides) - {"trained", "seed"} else "custom", **fields)
-
-
-def library_versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in LIBRARIES}
-
-
-# The modules that make a zoo's files. The others (the CLI, the probe, the package's __init__)
-# read zoos and leave them valid when they change; tests/test_zoo.py keeps the two lists complete.
-BUILD_SOURCES = ("build.py", "generators.py", "photos.py", "recipes.py", "schema.py")
-READER_SOURCES = ("__init__.py", "__main__.py", "probe.py")
-
-
-def code_hash() -> str:
-    """Hash of the modules that make the files (`BUILD_SOURCES`, and `targets.py`, which writes
-    the label columns and groups): a zoo made by other code is rebuilt, not reused."""
-    digest = hashlib.sha256()
-    for name in BUILD_SOURCES:
-        digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
-    digest.update(b"targets.py\0" + Path(targets.__file__).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def settings_of(config: ZooConfig) -> dict:
-    """Everything that determines the zoo's files (the hash input)."""
-    from adaparse_jax.zoo import recipes
-
-    return {
-        "format": ZOO_FORMAT,
-        "code": code_hash(),
-        "config": dataclasses.asdict(config),
-        "recipes": list(recipes.RECIPES),
-        "photographs": list(photos.PHOTOGRAPHS),
-        "scales": list(photos.SCALES),
-        "train_fraction": photos.TRAIN_FRACTION,
-        "worker_env": WORKER_ENV,
-        "library_versions": library_versions(),
-    }
 
 
 def zoo_specs(config: ZooConfig) -> list[schema.GeneratorSpec]:
@@ -178,196 +78,6 @@ def zoo_specs(config: ZooConfig) -> list[schema.GeneratorSpec]:
 
     return schema.sample_specs(config.generators, config.seed, list(recipes.RECIPES),
                                schema.NUISANCE[config.architectures])
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- one generator
-def degrade(x: np.ndarray, kind: str, rng: np.random.Generator, data_range) -> np.ndarray:
-    """Conditioning input of an encoder generator: crops [..., 32, 32, 3] in the data range."""
-    lo, hi = data_range
-    if kind == "identity":
-        return x
-    if kind == "blur":  # 2x2 box down-sampling and nearest up-sampling: lost detail to restore
-        shape = x.shape
-        b = x.reshape(*shape[:-3], shape[-3] // 2, 2, shape[-2] // 2, 2, shape[-1]).mean(axis=(-4, -2))
-        return np.repeat(np.repeat(b, 2, axis=-3), 2, axis=-2).astype(np.float32)
-    if kind == "noise":
-        noisy = x + rng.normal(0.0, 0.1 * (hi - lo), x.shape)
-        return np.clip(noisy, lo, hi).astype(np.float32)
-    if kind == "grayscale":  # colourisation
-        return np.repeat(x.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.float32)
-    raise ValueError(f"unknown degradation {kind!r}")
-
-
-def _seed_rng(config: ZooConfig, stream: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([config.seed, stream, index])
-
-
-def _training_data(spec: schema.GeneratorSpec, config: ZooConfig, pools: dict):
-    """(real [S, B, 32, 32, 3], inputs [S, B, ...], key) of a generator's training run."""
-    import jax
-
-    from adaparse_jax.zoo import generators
-
-    arch = spec.arch
-    rng = _seed_rng(config, TRAIN_STREAM, spec.index)
-    shape = (config.steps, config.batch)
-    real = generators.to_data_range(pools["train"][rng.integers(0, len(pools["train"]), shape)],
-                                    arch.nonlin_last)
-    if arch.encoder:
-        inputs = degrade(real, spec.degradation, rng, generators.DATA_RANGES[arch.nonlin_last])
-    else:
-        inputs = rng.standard_normal((*shape, arch.latent_dim)).astype(np.float32)
-    return real, inputs, jax.random.key(int(rng.integers(2**31)))
-
-
-def _sample(trainer, state, spec: schema.GeneratorSpec, config: ZooConfig, pools: dict) -> np.ndarray:
-    """Raw generator outputs [config.images, 32, 32, 3] in the data range."""
-    import jax
-
-    from adaparse_jax.zoo import generators
-
-    arch = spec.arch
-    rng = _seed_rng(config, SAMPLE_STREAM, spec.index)
-    n = config.images
-    if arch.encoder:
-        crops = pools["sample"][rng.choice(len(pools["sample"]), n, replace=False)]
-        inputs = degrade(generators.to_data_range(crops, arch.nonlin_last), spec.degradation, rng,
-                         generators.DATA_RANGES[arch.nonlin_last])
-    else:
-        inputs = rng.standard_normal((n, arch.latent_dim)).astype(np.float32)
-    key = jax.random.key(int(rng.integers(2**31)))
-    # Untrained BatchNorm has running statistics 0/1, so it would not normalise: use the batch's.
-    # (Without BatchNorm both samplers compute the same; the eval one shares compiled code with
-    # the trained zoo through a compilation cache.)
-    batch_norm = arch.normalization == "batch"
-    sample = trainer.sample_batch_statistics if batch_norm and not config.trained else trainer.sample
-    variables = trainer.generator_variables(state)
-    chunk = min(SAMPLE_CHUNK, n)
-    padded = np.concatenate([inputs, inputs[: (-n) % chunk]]) if n % chunk else inputs
-    outputs = [np.asarray(sample(variables, padded[i: i + chunk], jax.random.fold_in(key, i)))
-               for i in range(0, len(padded), chunk)]
-    return np.concatenate(outputs)[:n]
-
-
-def build_generator(spec: schema.GeneratorSpec, config: ZooConfig, pools: dict) -> tuple[np.ndarray, dict]:
-    """Initialise, train (unless untrained) and sample one generator.
-
-    A run whose losses or samples are not finite is repeated with half the learning rate (from the
-    same initial weights and data, so still deterministic), at most MAX_ATTEMPTS times in all; the
-    record says how many halvings it took.
-
-    Returns (uint8 images [config.images, 32, 32, 3], record): the record holds the spec in words,
-    the raw counts measured on the network and the final training losses.
-    """
-    from adaparse_jax.zoo import generators, recipes
-
-    arch = spec.arch
-    recipe = recipes.RECIPES[spec.recipe]
-    trainer = recipes.make_trainer(arch, spec.recipe)
-    training = None
-    for attempt in range(MAX_ATTEMPTS if config.trained else 1):
-        lr_scale = spec.lr_scale * 0.5**attempt
-        state = trainer.init_state(_seed_rng(config, INIT_STREAM, spec.index), lr_scale)
-        losses = np.zeros((1, len(recipes.LOSS_TERMS)), np.float32)
-        if config.trained:
-            state, losses = trainer.train(state, *_training_data(spec, config, pools))
-        outputs = _sample(trainer, state, spec, config, pools)
-        if np.all(np.isfinite(losses)) and np.all(np.isfinite(outputs)):
-            break
-    else:
-        raise FloatingPointError(
-            f"generator {spec.name} ({spec.recipe}, {arch}) gives non-finite "
-            f"{'losses or samples' if config.trained else 'samples'} even at "
-            f"{0.5 ** (MAX_ATTEMPTS - 1):g} x its learning rate")
-    if config.trained:
-        tail = losses[-max(1, config.steps // 10):].mean(axis=0)
-        active = {"total", "reconstruction" if recipe.reconstruction else None,
-                  "kl" if recipe.kl else None, "mmd" if recipe.image_mmd or recipe.code_mmd else None,
-                  "adversarial" if recipe.adversarial else None,
-                  "discriminator" if recipe.adversarial else None}
-        training = {
-            "steps": config.steps, "batch": config.batch,
-            "learning_rate": recipe.learning_rate * lr_scale, "beta1": recipe.beta1,
-            "learning_rate_halvings": attempt,
-            "final_losses": {k: float(v) for k, v in zip(recipes.LOSS_TERMS, tail) if k in active},
-        }
-    record = {
-        "name": spec.name,
-        "index": spec.index,
-        **spec.describe(),
-        "class_ids": arch.class_ids(),
-        "loss_flags": list(recipe.flags),
-        "raw_counts": generators.architecture_counts(trainer.generator),
-        "training": training,
-    }
-    return generators.to_uint8(outputs, arch.nonlin_last), record
-
-
-# ----------------------------------------------------------------------------- workers
-_POOLS: dict = {}
-
-
-def _load_pools(path: str) -> dict:
-    if path not in _POOLS:
-        with np.load(path) as z:
-            _POOLS.clear()
-            _POOLS[path] = {region: z[region] for region in photos.REGIONS}
-    return _POOLS[path]
-
-
-def _write_png_folder(folder: Path, images: np.ndarray) -> None:
-    """Write images as <k>.png into `folder` via a temporary sibling, renamed when complete."""
-    from PIL import Image
-
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    width = len(str(len(images) - 1))
-    for k, image in enumerate(images):
-        Image.fromarray(image, "RGB").save(tmp / f"{k:0{width}d}.png", format="PNG")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it to rebuild") from None
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
-
-
-def _build_and_write(spec: schema.GeneratorSpec, config: ZooConfig, out: str, pools_path: str) -> dict:
-    """Worker task: build one generator, write its PNG folder, then its record (marks it done)."""
-    t0, c0 = time.time(), time.process_time()
-    images, record = build_generator(spec, config, _load_pools(pools_path))
-    out_dir = Path(out)
-    _write_png_folder(out_dir / "images" / spec.name, images)
-    _write_json(out_dir / ".build" / "records" / f"{spec.name}.json", record)
-    return {"name": spec.name, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-
-
-@contextlib.contextmanager
-def worker_environment(env: dict) -> Iterator[None]:
-    """Set `env` while worker processes start: spawned children read it when they import JAX
-    (which happens while unpickling their task, before any initializer could set it)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -431,7 +141,7 @@ def _assemble(out: Path, config: ZooConfig, settings: dict, digest: str,
               specs: Sequence[schema.GeneratorSpec]) -> dict:
     """Label tables, names, splits, dataset.json and manifest.json from the generator records."""
     names = schema.sort_names([s.name for s in specs])
-    records = [_read_json(out / ".build" / "records" / f"{n}.json") for n in names]
+    records = [read_json(out / ".build" / "records" / f"{n}.json") for n in names]
     tables, normalisation = label_tables(records)
     targets.label_matrix(tables)  # raises, naming table/row/column, on any invalid value
     for key, table in tables.items():
@@ -442,10 +152,10 @@ def _assemble(out: Path, config: ZooConfig, settings: dict, digest: str,
                       (targets.LOSS3_TABLE, LOSS3_FILE)):
         np.save(labels / file, tables[key])
     (labels / "models.txt").write_text("".join(n + "\n" for n in names))
-    _write_json(labels / "splits.json", make_splits(names, config.folds, config.seed))
-    _write_json(out / "dataset.json", DATASET_JSON)
+    write_json(labels / "splits.json", make_splits(names, config.folds, config.seed))
+    write_json(out / "dataset.json", DATASET_JSON)
     manifest = _manifest(config, settings, digest, records, tables, normalisation)
-    _write_json(out / "manifest.json", manifest)  # last: its presence marks a finished zoo
+    write_json(out / "manifest.json", manifest)  # last: its presence marks a finished zoo
     return manifest
 
 
@@ -463,9 +173,9 @@ def _generator_done(out: Path, name: str, images: int) -> bool:
 def _prepare_directory(out: Path, digest: str) -> str:
     """'reuse' | 'resume' | 'fresh'; removes a zoo built with other settings."""
     manifest, state = out / "manifest.json", out / ".build" / "settings.json"
-    if manifest.is_file() and _read_json(manifest).get("settings_hash") == digest:
+    if manifest.is_file() and read_json(manifest).get("settings_hash") == digest:
         return "reuse"
-    if state.is_file() and _read_json(state).get("settings_hash") == digest:
+    if state.is_file() and read_json(state).get("settings_hash") == digest:
         return "resume"
     if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not (manifest.is_file() or state.is_file()):
@@ -519,11 +229,11 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
     specs = zoo_specs(config)
     mode = _prepare_directory(out, digest)
     if mode == "reuse" and all(_generator_done(out, s.name, config.images) for s in specs):
-        return _read_json(out / "manifest.json")
+        return read_json(out / "manifest.json")
 
     build = out / ".build"
     (build / "records").mkdir(parents=True, exist_ok=True)
-    _write_json(build / "settings.json", {"settings_hash": digest, "settings": settings})
+    write_json(build / "settings.json", {"settings_hash": digest, "settings": settings})
     (out / "manifest.json").unlink(missing_ok=True)
     pending = [s for s in specs if not _generator_done(out, s.name, config.images)]
     times = []
@@ -543,7 +253,7 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         with worker_environment(env), concurrent.futures.ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_build_and_write, s, config, str(out), str(pools_path))
+            futures = [pool.submit(build_and_write, s, config, str(out), str(pools_path))
                        for s in pending]
             label = f"zoo {config.size} ({'trained' if config.trained else 'untrained'})"
             with tqdm(total=len(specs), initial=len(specs) - len(pending), desc=label,
@@ -559,6 +269,6 @@ def _build_locked(out: Path, config: ZooConfig, workers: int | None, progress: b
         pools_path.unlink()
     manifest = _assemble(out, config, settings, digest, specs)
     log = build / "times.json"
-    previous = _read_json(log) if log.is_file() else []
-    _write_json(log, previous + sorted(times, key=lambda t: t["name"]))
+    previous = read_json(log) if log.is_file() else []
+    write_json(log, previous + sorted(times, key=lambda t: t["name"]))
     return manifest
