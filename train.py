@@ -9,6 +9,11 @@ same command in the same workdir resumes from its last checkpoint. Everything el
 `adaparse_jax.train` (the training loop, `train.train`) and `adaparse_jax.evaluation.evaluate_run` (the
 selected checkpoint on the split's test generators, when training finished and
 config.eval_at_end).
+
+Several hosts (config.distributed or ADAPARSE_DISTRIBUTED=auto; README "Several hosts"): start this
+same command once per host. The test evaluation is then not run in process: it is a single-process
+job (one device restores the selected checkpoint), and in the multi-process runtime every Orbax
+read is a collective of all processes. Process 0 prints the `eval.py` command that does it.
 """
 
 from __future__ import annotations
@@ -80,10 +85,18 @@ def main(argv: list[str]) -> None:
     except training.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    import jax
+
     state = "finished" if summary["finished"] else "stopped"
+    processes = jax.process_count()
+    if processes > 1 and jax.process_index() != 0:
+        return
     print(f"{summary['label']}: {state} at step {summary['step']} of {summary['total_steps']} "
-          f"in {summary['workdir']}")
-    if summary["finished"] and FLAGS.config.eval_at_end:
+          f"in {summary['workdir']}" + (f" ({processes} processes)" if processes > 1 else ""))
+    if summary["finished"] and FLAGS.config.eval_at_end and processes > 1:
+        print("test evaluation runs in one process (not in this multi-process job): python eval.py "
+              f"--workdir {summary['workdir']} --out {summary['workdir']}/results")
+    elif summary["finished"] and FLAGS.config.eval_at_end:
         result = evaluation.evaluate_run(summary["workdir"])
         print(f"test generators, checkpoint step {result['step']} ({result['selection']}): "
               + evaluation.headline(result["metrics"]))

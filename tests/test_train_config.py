@@ -76,6 +76,11 @@ def test_unknown_fields_are_errors_that_list_the_valid_ones():
     ("devices", -1, "devices=-1; expected an integer >= 0"),
     ("selection_mode", "best", "selection_mode='best'"),
     ("model.fusion", "mul", "config.model: config field fusion='mul'"),
+    ("distributed.num_processes", 0, "distributed.num_processes=0; expected a positive integer"),
+    ("distributed.process_id", -1, "distributed.process_id=-1; expected an integer >= 0"),
+    ("distributed.coordinator_address", "node0", "distributed.coordinator_address='node0'; expected 'host:port'"),
+    ("distributed.coordinator_address", "node0:99999", "coordinator_address='node0:99999'"),
+    ("distributed.local_device_ids", (0, 0), "distributed.local_device_ids=(0, 0); expected distinct"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
     config = training.default_config()
@@ -172,3 +177,64 @@ def test_ci_turns_a_missing_reference_into_a_failure(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match=r"gone \(CI=true: required\)"):
         skip_or_fail("gone")
+
+
+def test_distributed_settings_from_the_config_and_the_environment(monkeypatch):
+    monkeypatch.delenv(training.DISTRIBUTED_ENV, raising=False)
+    config = training.default_config()
+    assert training.distributed_settings(config) is None  # off by default: one process
+    assert training.init_distributed(config) is False
+    d = config.distributed
+    d.coordinator_address, d.num_processes, d.process_id = "node0:1234", 2, 1
+    assert training.distributed_settings(config) == {
+        "coordinator_address": "node0:1234", "num_processes": 2, "process_id": 1}
+    d.local_device_ids = (0, 1)
+    assert training.distributed_settings(config)["local_device_ids"] == [0, 1]
+    d.process_id = 2
+    with pytest.raises(training.ConfigError, match=r"distributed\.process_id=2; expected an integer below "
+                                                   r"distributed\.num_processes=2"):
+        training.validate_config(config)
+    d.process_id = 1
+    auto = training.default_config()
+    auto.distributed.auto = True
+    assert training.distributed_settings(auto) == {}  # jax.distributed.initialize() with no arguments
+    auto.distributed.num_processes = 4
+    with pytest.raises(training.ConfigError, match=r"distributed\.auto=True takes every setting from the "
+                                                   r"launcher's environment; leave distributed\.num_processes"):
+        training.distributed_settings(auto)
+    partial = training.default_config()
+    partial.distributed.process_id = 0
+    with pytest.raises(training.ConfigError, match=r"distributed\.process_id is set but "
+                                                   r"distributed\.coordinator_address is not"):
+        training.distributed_settings(partial)
+    monkeypatch.setenv(training.DISTRIBUTED_ENV, "auto")
+    assert training.distributed_settings(training.default_config()) == {}
+    with pytest.raises(training.ConfigError, match="ADAPARSE_DISTRIBUTED=auto takes every setting"):
+        training.distributed_settings(config)
+    monkeypatch.setenv(training.DISTRIBUTED_ENV, "slurm")
+    with pytest.raises(training.ConfigError, match=r"ADAPARSE_DISTRIBUTED='slurm'; expected 'auto'"):
+        training.validate_config(training.default_config())
+
+
+def test_distributed_overrides_and_saved_configs(tmp_path, monkeypatch):
+    monkeypatch.delenv(training.DISTRIBUTED_ENV, raising=False)
+    config = training.load_config(str(ROOT / "configs/tiny.py"), [
+        "--config.distributed.coordinator_address=10.0.0.1:7777", "--config.distributed.num_processes=8",
+        "--config.distributed.process_id=3", "--config.distributed.local_device_ids=0,1"])
+    assert training.distributed_settings(config) == {
+        "coordinator_address": "10.0.0.1:7777", "num_processes": 8, "process_id": 3,
+        "local_device_ids": [0, 1]}
+    config = training.resolve_paths(config, tmp_path)
+    training.check_and_save_config(config, tmp_path)
+    saved = training.load_saved_config(tmp_path)
+    assert training.distributed_settings(saved)["local_device_ids"] == [0, 1]
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    other_host = training.load_saved_config(tmp_path)
+    other_host.distributed.process_id, other_host.distributed.coordinator_address = 5, "10.0.0.2:7777"
+    training.check_and_save_config(other_host, tmp_path, write=False)  # a resume may move hosts
+    assert training.load_saved_config(tmp_path).distributed.process_id == 3  # write=False: unchanged
+    # A workdir saved before the field existed reads as one process.
+    old = json.loads((tmp_path / training.CONFIG_JSON).read_text())
+    del old["distributed"]
+    (tmp_path / training.CONFIG_JSON).write_text(json.dumps(old))
+    assert training.distributed_settings(training.load_saved_config(tmp_path)) is None

@@ -21,6 +21,11 @@ Two ways to turn these index batches into image batches:
 Both read the same index batches, so for the same seed they yield identical batches, and a
 `Loader` state {"epoch", "step"} saved from one mode restores in the other.
 
+Several processes (`adaparse_jax.parallel`): when the grain loader's `sharding` spans several
+processes' devices, each process reads only the rows of every global batch that its own devices
+hold (the same index batches, so the global batch is the single-process one) and the batch is
+assembled across processes (`parallel.global_batch`). The device-resident mode is single-process.
+
 Batches are `{"image": uint8 [B, H, W, 3], "generator": int32 [B]}` on the device; `generator` is the
 row of the label table (`names` order). `normalize` and `gather_labels` run on the device.
 """
@@ -37,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags as absl_flags
 
-from adaparse_jax import targets
+from adaparse_jax import parallel, targets
 from adaparse_jax.data.cache import BatchReader, Cache
 
 MEAN = 0.6490  # the official Normalize((0.6490,) * 3, (0.1269,) * 3)
@@ -96,14 +101,26 @@ def _label_rows(cache: Cache, names: Sequence[str] | None) -> np.ndarray:
     return np.asarray([index.get(name, -1) for name in cache.names], np.int32)
 
 
-def _prefetch_to_device(iterator, size: int, sharding) -> Iterator[dict]:
-    """Keep `size` batches in flight to the device (device_put is asynchronous)."""
+class _TakeRows:
+    """Index batch -> the positions of this process's rows of it (a picklable grain map)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        return positions[self.rows]
+
+
+def _prefetch_to_device(iterator, size: int, sharding, global_size: int | None = None) -> Iterator[dict]:
+    """Keep `size` batches in flight to the device (device_put is asynchronous). `global_size`:
+    the batches are this process's rows of global batches of that size."""
     queue = collections.deque()
     for batch in iterator:
         # Plain copies of grain workers' shared-memory arrays: device_put may alias them on CPU,
         # which keeps every segment alive until exit.
         batch = {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
-        queue.append(jax.device_put(batch, sharding))
+        queue.append(jax.device_put(batch, sharding) if global_size is None
+                     else parallel.global_batch(batch, sharding, global_size))
         if len(queue) > size:
             yield queue.popleft()
     while queue:
@@ -139,7 +156,9 @@ class Loader:
       names: the label table's generator order; `generator` in batches are rows of it (default: the
         cache's names).
       sharding: passed to `jax.device_put`: the batches' placement in mode="grain" (e.g. a
-        batch-sharded NamedSharding), the resident arrays' in mode="device".
+        batch-sharded NamedSharding), the resident arrays' in mode="device". A sharding over
+        several processes' devices (mode="grain", train=True only): this process reads its rows of
+        each batch (`parallel.local_rows`).
 
     State: `get_state()` -> {"epoch", "step", ...}; `set_state(state)` makes the next batch the one
     that followed when the state was taken, in either mode and with any worker count.
@@ -177,6 +196,14 @@ class Loader:
         self.num_epochs = num_epochs if num_epochs is not None or train else 1
         self.num_workers, self.read_threads, self.read_buffer = num_workers, read_threads, read_buffer
         self.prefetch, self.sharding = prefetch, sharding
+        # Rows of each batch this process reads: all of them, unless the batch spans processes.
+        self._local_rows = None
+        if sharding is not None and not sharding.is_fully_addressable:
+            if mode != "grain" or not train:
+                raise ValueError("a sharding over several processes' devices needs mode='grain' and "
+                                 f"train=True (got mode={mode!r}, train={train}): the device-resident "
+                                 "mode and evaluation passes run in one process")
+            self._local_rows = parallel.local_rows(sharding, batch_size)
         self._index = batch_indices(
             len(self.records), batch_size, seed=seed, shuffle=train, drop_remainder=train
         )
@@ -211,6 +238,8 @@ class Loader:
         ds = self._index.repeat(self.num_epochs)
         if start:
             ds = ds[start:]
+        if self._local_rows is not None:
+            ds = ds.map(_TakeRows(self._local_rows))
         ds = ds.map(BatchReader(self.cache, self.records, self._rows))
         it = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.read_buffer)
@@ -225,7 +254,8 @@ class Loader:
 
     def _grain_batches(self, start: int) -> Iterator[dict]:
         self._grain_iter = iter(self.grain_dataset(start))
-        return _prefetch_to_device(self._grain_iter, self.prefetch, self.sharding)
+        return _prefetch_to_device(self._grain_iter, self.prefetch, self.sharding,
+                                   None if self._local_rows is None else self.batch_size)
 
     # -- device-resident path --------------------------------------------------------------------
 

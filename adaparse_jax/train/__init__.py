@@ -10,13 +10,16 @@ The names below are the package's public API, re-exported from its modules.
 
 from adaparse_jax.train.config import (
     CONFIG_JSON,
+    DISTRIBUTED_ENV,
     GENERATE,
     ConfigError,
     check_and_save_config,
     check_overrides,
     data_mesh,
     default_config,
+    distributed_settings,
     fused_unroll,
+    init_distributed,
     load_config,
     load_saved_config,
     run_label,
@@ -45,10 +48,11 @@ from adaparse_jax.train.state import (
 from adaparse_jax.train.writer import METRICS_JSONL, MetricsWriter, read_metrics
 
 __all__ = [
-    "CONFIG_JSON", "GENERATE", "METRICS_JSONL", "RECIPES", "ConfigError", "MetricsWriter",
+    "CONFIG_JSON", "DISTRIBUTED_ENV", "GENERATE", "METRICS_JSONL", "RECIPES", "ConfigError", "MetricsWriter",
     "NonFiniteLossError", "RunData", "TrainState", "Trainer", "apply_model", "apply_recipe",
     "check_and_save_config", "check_images", "check_overrides",
-    "compiled_stats", "data_mesh", "decisions", "default_config", "fused_unroll", "init_state",
+    "compiled_stats", "data_mesh", "decisions", "default_config", "distributed_settings",
+    "fused_unroll", "init_distributed", "init_state",
     "learning_rate", "load_config", "load_saved_config", "make_eval_step", "make_optimizer",
     "make_train_step", "param_count", "predict_batches", "random_gt_labels", "read_metrics",
     "resolve_paths", "run_label", "selection_score", "setup_data", "state_shapes", "train",

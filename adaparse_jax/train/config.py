@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from adaparse_jax import atomic, models, parallel
 from adaparse_jax import losses as losses_lib
@@ -29,11 +30,14 @@ SELECTION_MODES = ("max", "min")
 FUSED_UNROLL = ("auto", "unrolled", "rolled")
 GENERATE = ("", "synthetic", "zoo:tiny", "zoo:demo", "zoo:bench")  # zoo sizes: adaparse_jax.zoo.SIZES
 CONFIG_JSON = "config.json"
+DISTRIBUTED_ENV = "ADAPARSE_DISTRIBUTED"  # 'auto': jax.distributed.initialize() from the launcher
+DISTRIBUTED_FIELDS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
 # Fields that may change when a run resumes (they do not change what is computed).
 RESUMABLE_FIELDS = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps",
                     "keep_checkpoints", "eval_at_end", "tensorboard", "progress", "label",
                     "compilation_cache", "devices", "fused_unroll", "data.loader", "data.workers",
-                    "data.prefetch", "data.prepare", "data.prepare_workers", "data.eval_batch_size")
+                    "data.prefetch", "data.prepare", "data.prepare_workers", "data.eval_batch_size",
+                    "distributed.auto", *(f"distributed.{f}" for f in DISTRIBUTED_FIELDS))
 
 
 class ConfigError(ValueError):
@@ -88,6 +92,15 @@ def default_config() -> ml_collections.ConfigDict:
       tensorboard: also write TensorBoard events when tensorboardX (or TensorFlow) is installed.
       progress: show a progress bar. label: run label in the eval tables ('' = from arch and
         random_gt). compilation_cache: a persistent XLA compilation cache directory ('' = off).
+      distributed: several processes (one per host) training one run with JAX's multi-process
+        runtime (`jax.distributed.initialize`; README "Several hosts"). Off by default (one
+        process). distributed.auto=True, or the environment variable ADAPARSE_DISTRIBUTED=auto:
+        initialise with no arguments (SLURM and the other launchers JAX knows say the rest).
+        Otherwise distributed.coordinator_address ('host:port' of process 0) turns it on, with
+        num_processes, process_id and local_device_ids (this process's devices) where the
+        environment does not say them. The mesh then spans every process's devices (devices must be
+        0), each process reads its rows of every global batch, and process 0 alone writes the
+        workdir's files other than the checkpoints (which every process writes and reads).
     """
     c = ml_collections.ConfigDict()
     c.model = models.model_config("adaparse")
@@ -123,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.label = ""
     c.recipe = "official"
     c.compilation_cache = ""
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address=placeholder(str), num_processes=placeholder(int),
+        process_id=placeholder(int), local_device_ids=placeholder(tuple), auto=False))
     return c
 
 
@@ -193,6 +209,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail("data.num_val", "an integer >= 0")
     if not isinstance(config.devices, int) or isinstance(config.devices, bool) or config.devices < 0:
         fail("devices", "an integer >= 0 (0: every device)")
+    distributed_settings(config)
     data_mesh(config)  # enough devices, and batch_size splits over them
     try:
         models.build_model(config.model)  # the model's own field checks
@@ -236,6 +253,10 @@ def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """
     available = jax.devices()
     n = config.devices or len(available)
+    if jax.process_count() > 1 and n != len(available):
+        raise ConfigError(f"config field devices={config.devices!r}; with {jax.process_count()} "
+                          f"processes the mesh spans all {len(available)} devices of all of them: "
+                          "use 0")
     if n > len(available):
         raise ConfigError(f"config field devices={config.devices!r}; expected at most the "
                           f"{len(available)} {jax.default_backend()} device(s) present (0: all)")
@@ -246,6 +267,72 @@ def data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         which = f"all {n}" if not config.devices else f"the first {n}"
         raise ConfigError(f"{e} (config field devices={config.devices!r}: {which})") from e
     return mesh
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def distributed_settings(config: ml_collections.ConfigDict) -> dict | None:
+    """What `jax.distributed.initialize` gets from config.distributed and $ADAPARSE_DISTRIBUTED:
+    None (one process, the default), {} (auto: every setting from the launcher's environment) or
+    the fields that are set. Raises ConfigError naming the field of a bad value."""
+    d = config.get("distributed") or {}
+    env = os.environ.get(DISTRIBUTED_ENV, "")
+    if env not in ("", "auto"):
+        raise ConfigError(f"environment variable {DISTRIBUTED_ENV}={env!r}; expected 'auto' (JAX finds "
+                          "the coordinator and this process's id in the launcher's environment) or unset")
+
+    def fail(field, expected):
+        raise ConfigError(f"config field distributed.{field}={d.get(field)!r}; expected {expected}")
+
+    auto = d.get("auto", False)
+    if not isinstance(auto, bool):
+        fail("auto", "True or False")
+    address = d.get("coordinator_address")
+    if address is not None:
+        host, _, port = str(address).rpartition(":") if isinstance(address, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            fail("coordinator_address", "'host:port' (process 0's host and a free port), or None")
+    num, pid = d.get("num_processes"), d.get("process_id")
+    if num is not None and not _is_int(num, 1):
+        fail("num_processes", "a positive integer, or None (from the environment)")
+    if pid is not None and not _is_int(pid, 0):
+        fail("process_id", "an integer >= 0, or None (from the environment)")
+    if num is not None and pid is not None and pid >= num:
+        fail("process_id", f"an integer below distributed.num_processes={num}")
+    ids = d.get("local_device_ids")
+    if ids is not None:
+        ids = [ids] if _is_int(ids, 0) else ids
+        if (not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i, 0) for i in ids)
+                or len(set(ids)) != len(ids)):
+            fail("local_device_ids", "distinct device ids >= 0 of this host, e.g. (0, 1), or None (all)")
+        ids = list(ids)
+    explicit = {k: v for k, v in zip(DISTRIBUTED_FIELDS, (address, num, pid, ids)) if v is not None}
+    if auto or env == "auto":
+        if explicit:
+            which = "distributed.auto=True" if auto else f"{DISTRIBUTED_ENV}=auto"
+            raise ConfigError(f"{which} takes every setting from the launcher's environment; leave "
+                              + ", ".join(f"distributed.{k}" for k in explicit) + " unset (None)")
+        return {}
+    if explicit and address is None:
+        raise ConfigError(f"config field distributed.{next(iter(explicit))} is set but "
+                          "distributed.coordinator_address is not: give process 0's 'host:port', or "
+                          "set distributed.auto=True")
+    return explicit or None
+
+
+def init_distributed(config: ml_collections.ConfigDict) -> bool:
+    """Start JAX's multi-process runtime when the config or the environment asks for it (see
+    `distributed_settings`); before anything touches a device. True when it runs (now or before)."""
+    settings = distributed_settings(config)
+    if settings is None:
+        return False
+    try:
+        parallel.initialize(**settings)
+    except RuntimeError as e:
+        raise ConfigError(f"config.distributed: jax.distributed.initialize({settings}) failed: {e}") from e
+    return True
 
 
 def check_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -312,11 +399,15 @@ def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(workdir) / CONFIG_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    if "distributed" not in config:  # saved before the field existed: one process
+        config.distributed = default_config().distributed
+    return config
 
 
-def check_and_save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Save the config; refuse a workdir whose run used another config (model or otherwise)."""
+def check_and_save_config(config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True) -> None:
+    """Save the config; refuse a workdir whose run used another config (model or otherwise).
+    `write=False` only checks (the processes other than 0 of a multi-process run)."""
     path = workdir / CONFIG_JSON
     new = _normalise(config)
     if path.is_file() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
@@ -331,7 +422,8 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: Path) -> N
             raise ConfigError(
                 f"workdir {workdir} cannot continue with this config: {what}:\n  " + "\n  ".join(lines)
                 + f"\nuse another --workdir (fields that may change on resume: {', '.join(RESUMABLE_FIELDS)})")
-    atomic.write_json(path, new, sort_keys=True)
+    if write:
+        atomic.write_json(path, new, sort_keys=True)
 
 
 def run_label(config: ml_collections.ConfigDict) -> str:

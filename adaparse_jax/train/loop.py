@@ -15,6 +15,12 @@ the evaluation of the selected checkpoint (`evaluation.evaluate_run`).
 6. checkpoints every `checkpoint_every_steps` and at each epoch end (state, data position, meta);
    with validation generators, scores the checkpoint on them and keeps the best.
 
+Several processes (config.distributed, README "Several hosts"): `train` starts JAX's multi-process
+runtime first; every process runs this same loop on the replicated state, reads only its rows of
+each global batch, computes the validation itself (on its own copy of the state) and writes and
+restores the checkpoints with the others (Orbax); process 0 alone generates and decodes the data
+(the others wait for it) and writes config.json, metrics.jsonl, selection.json and train.log.
+
 `hooks`: callables `hook(previous_step, step)` run after each dispatched call (tests use one to
 kill the process at a chosen step, as a preemption would). Rerunning in the same workdir resumes
 from the last checkpoint; on a CPU the losses after a resume are bit-identical.
@@ -100,6 +106,8 @@ def validate(config, run: RunData, eval_step, variables, loader) -> dict:
     """Per-image metrics of the validation generators (true labels, also under Random G.T.) and
     'score' (`state.selection_score`)."""
     loader.reset()
+    if jax.process_count() > 1:  # the pass runs on this process's copy, not split over the mesh
+        variables = parallel.local_copy(variables)
     preds = state_lib.predict_batches(eval_step, variables, loader, config.data.eval_batch_size)
     scores = metrics_lib.score(preds, run.dataset.labels[preds["generator"]])
     scores["score"] = state_lib.selection_score(scores)
@@ -120,7 +128,14 @@ class Trainer:
 
     def _setup(self) -> None:
         config, workdir = self.config, self.workdir
-        self.data = setup_data(config, progress=config.progress)
+        self.primary = parallel.is_primary()
+        # Process 0 generates and decodes the data; the others read it once it is there.
+        if not self.primary:
+            parallel.sync("adaparse_jax: data ready")
+        self.data = setup_data(config, progress=config.progress and self.primary,
+                               prepare=None if self.primary else False)
+        if self.primary:
+            parallel.sync("adaparse_jax: data ready")
         split = self.data.split
         log.info("run %s: %s split %s: %d train, %d validation, %d test generators%s", workdir,
                  self.data.dataset.name, config.split, len(split.train), len(split.val), len(split.test),
@@ -134,15 +149,16 @@ class Trainer:
         self.stop = min(self.total, config.max_steps) if config.max_steps else self.total
         self.ckpt = checkpointing.Checkpointer(workdir / checkpointing.CHECKPOINTS,
                                                keep=config.keep_checkpoints, best_mode=config.selection_mode)
-        self.writer = MetricsWriter(workdir, config.tensorboard)
+        self.writer = MetricsWriter(workdir, config.tensorboard, enabled=self.primary)
         self.state = self._restore_or_init()
         self.start = int(self.state.step)
         self.n_params = state_lib.param_count(self.state.params)
         log.info("model %s: %s parameters (%s)", config.model.arch, f"{self.n_params:,}",
                  ", ".join(f"{k} {state_lib.param_count(v):,}" for k, v in self.state.params.items()))
-        log.info("data parallel over %d %s device(s): batch %d, %d per device; state replicated "
-                 "(compiled memory and FLOPs below: per device)", self.mesh.size, jax.default_backend(),
-                 config.batch_size, config.batch_size // self.mesh.size)
+        log.info("data parallel over %d %s device(s) of %d process(es): batch %d, %d per device; state "
+                 "replicated (compiled memory and FLOPs below: per device)", self.mesh.size,
+                 jax.default_backend(), jax.process_count(), config.batch_size,
+                 config.batch_size // self.mesh.size)
         # The step's data arguments: one executable serves every run of this model and shape.
         self.tables = parallel.replicate(
             (jnp.asarray(self.data.train_labels, jnp.float32),
@@ -162,6 +178,11 @@ class Trainer:
 
     def _open_loaders(self) -> None:
         c, d = self.config, self.data
+        if jax.process_count() > 1 and c.data.loader != "grain":
+            raise config_lib.ConfigError(
+                f"config field data.loader={c.data.loader!r}; with {jax.process_count()} processes use "
+                "'grain' (each process reads its own rows of every batch; the device-resident loader "
+                "keeps every record on every device and runs in one process)")
         # Training batches reach the step split over the mesh: grain puts each host batch there
         # directly; the device loader keeps its records on every device (each batch is gathered
         # from all of them), and `shard_batch` splits what it gathers.
@@ -269,7 +290,8 @@ class Trainer:
                 self.selection["history"], c.selection_mode)
             # Written before the checkpoint: a crash in between leaves an entry whose step has
             # no checkpoint, which `selected_step` skips and a resume drops.
-            checkpointing.write_selection(self.workdir, self.selection)
+            if self.primary:
+                checkpointing.write_selection(self.workdir, self.selection)
         self.ckpt.save(self.state, loader_state=self.train_loader.get_state(),
                        meta={"model": c.model.to_dict(), "epoch": step // self.steps_per_epoch,
                              "param_count": self.n_params, "label": config_lib.run_label(c)},
@@ -320,7 +342,8 @@ class Trainer:
         if self.compiled:
             self.writer.write({"step": self.start, "compile/train_step_s": self.compile_s})
         self.timer.update(t=time.perf_counter())
-        self.bar = tqdm(total=self.stop, initial=self.start, unit="step", disable=not self.config.progress,
+        self.bar = tqdm(total=self.stop, initial=self.start, unit="step",
+                        disable=not (self.config.progress and self.primary),
                         dynamic_ncols=True, desc="train")
         step, flush_upto = self.start, None
         while step < self.stop:
@@ -364,18 +387,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     Returns a summary: workdir, final step, whether training finished, steps per epoch, total
     steps, the run label and the seconds spent compiling the train step in this call.
     """
+    config_lib.init_distributed(config)  # before anything touches a device
     config_lib.validate_config(config)
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = resolve_paths(config, workdir)
     if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(config.compilation_cache).expanduser()))
-    handler = logging.FileHandler(workdir / "train.log")
+    primary = parallel.is_primary()
+    handler = logging.FileHandler(workdir / "train.log") if primary else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     trainer = None
     try:
-        config_lib.check_and_save_config(config, workdir)
+        config_lib.check_and_save_config(config, workdir, write=primary)
         trainer = Trainer(config, workdir, hooks)
         return trainer.run()
     finally:

@@ -16,12 +16,14 @@ METRICS_JSONL = "metrics.jsonl"
 
 
 class MetricsWriter:
-    """`metrics.jsonl` (one JSON object per line) and, when installed, TensorBoard events."""
+    """`metrics.jsonl` (one JSON object per line) and, when installed, TensorBoard events.
+    `enabled=False` writes nothing (the processes other than 0 of a multi-process run)."""
 
-    def __init__(self, workdir: Path, tensorboard: bool):
+    def __init__(self, workdir: Path, tensorboard: bool, *, enabled: bool = True):
         self.path = workdir / METRICS_JSONL
+        self.enabled = enabled
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from tensorboardX import SummaryWriter
 
@@ -37,13 +39,15 @@ class MetricsWriter:
 
     def truncate(self, step: int) -> None:
         """Drop lines written after `step` (a crashed run's steps that a resume recomputes)."""
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         lines = [ln for ln in self.path.read_text().splitlines()
                  if ln.strip() and json.loads(ln).get("step", 0) <= step]
         atomic.write_text(self.path, "".join(ln + "\n" for ln in lines))
 
     def write(self, record: Mapping) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
