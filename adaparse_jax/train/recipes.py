@@ -4,10 +4,13 @@
 - 'improved': the learning options that make the parsing networks read the architecture in short
   CPU runs (docs/EXPERIMENTS.md, "Parsing networks that learn", with the measurement behind each
   choice). They act on what the diagnosis found (`python -m adaparse_jax.diagnose`): the FEN reads
-  the image's fixed high-pass residual, the parser sees each fingerprint at unit RMS through
-  He-initialised layers and pools globally, the cross-entropy reads logits, the low-frequency
-  window keeps the official 25/64 ratio at any size, and the constraints weigh 1/100 of the
-  official weights so they no longer swamp the parsing losses' gradient on the FEN.
+  the image's fixed high-pass residual and each fingerprint is that residual plus the FEN's
+  output (the trace the image carries survives the constraints), the parser reads the log
+  amplitude spectrum of each fingerprint's high-pass residual (its spectral branch, in place of the
+  conv stages: the features the spectral probe reads) at unit RMS through He-initialised layers,
+  the cross-entropy reads logits, the low-frequency window keeps the official 25/64 ratio at any
+  size, and the constraints weigh 1/100 of the official weights so they no longer swamp the
+  parsing losses' gradient on the FEN.
 
   python train.py --config configs/re116.py:improved --workdir runs/improved_split1
   python -m adaparse_jax.demo                       # both recipes side by side on the zoo
@@ -26,6 +29,8 @@ RECIPES: Mapping[str, Mapping[str, object]] = {
     "official": {},
     "improved": {
         "model.fen_input": "highpass",
+        "model.fingerprint_skip": "highpass",
+        "model.parser_spectrum": "only",
         "model.parser_input_norm": "rms",
         "model.parser_pool": "global",
         "model.parser_init": "he",
