@@ -550,9 +550,10 @@ def test_settings_hash_covers_targets_py(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- learning (issue 12)
 def _upsampling_nll_after_training(root: Path, recipe: str, steps: int) -> float:
-    """Train the tiny RE-Net with `recipe` (learning rate 1e-3) on every tiny-zoo image for `steps` steps of 16 and return
-    the mean negative log-likelihood of the true up-sampling class on those images, from the head's
-    class probabilities normalised to sum to one (the same measure for both recipes; chance = ln 2)."""
+    """Train the tiny RE-Net with `recipe` (learning rate 1e-3) on every tiny-zoo image for `steps`
+    steps of 16 and return the mean negative log-likelihood of the true up-sampling class on those
+    images, from the head's class probabilities normalised to sum to one (the same measure for both
+    recipes; chance = ln 2)."""
     from adaparse_jax import models
     from adaparse_jax import train as training
     from adaparse_jax.data import pipeline, re116
