@@ -119,12 +119,19 @@ def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
 
 
 def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
-    """The `adaparse_jax.train` config of one run: config.train with the run's architecture, fold, labels
-    and the demo's shared zoo, cache and compilation cache."""
+    """The `adaparse_jax.train` config of one run: config.train with the run's architecture, recipe (and
+    its learning rate from `config.recipe_learning_rates`), fold, labels and the demo's shared zoo,
+    cache and compilation cache."""
     workdir = Path(config.workdir).resolve()
     t = ml_collections.ConfigDict(config.train.to_dict())
     t.model.arch = run.arch  # the demo width is the same for both architectures
     training.apply_recipe(t, run.recipe)
+    rates = config.recipe_learning_rates.to_dict()
+    unknown = sorted(set(rates) - set(training.RECIPES))
+    if unknown:
+        raise ValueError(f"config.recipe_learning_rates: unknown recipe(s) {unknown}; expected some of "
+                         f"{tuple(training.RECIPES)}")
+    t.optimizer.learning_rate = float(rates.get(run.recipe, t.optimizer.learning_rate))
     t.data.dataset = str(workdir / ZOO_DIR)
     t.data.cache = str(workdir / CACHE_DIR)
     t.split = int(run.fold) if run.fold.isdigit() else run.fold

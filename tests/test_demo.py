@@ -69,6 +69,8 @@ def test_plan_and_train_configs(tmp_path):
         assert t.recipe == run.recipe
         if run.recipe != "official":  # the recipe's fields, then compare the rest as official
             assert t.model.fen_input == "highpass" and t.loss.ce_input == "logits"
+            assert t.optimizer.learning_rate == c.recipe_learning_rates.improved == 3e-3
+            t.optimizer.learning_rate = c.train.optimizer.learning_rate
             for path in training.RECIPES["improved"]:
                 group, field = path.split(".")
                 t[group][field] = training.default_config()[group][field]
@@ -84,6 +86,15 @@ def test_plan_and_train_configs(tmp_path):
             assert t[k].to_dict() == c.train[k].to_dict()
         assert {k: v for k, v in t.model.items() if k != "arch"} == {
             k: v for k, v in c.train.model.items() if k != "arch"}
+
+
+def test_recipe_learning_rates_name_an_unknown_recipe(tmp_path):
+    c = _config([f"--config.workdir={tmp_path}"])
+    with c.unlocked():  # a locked config refuses the new key itself (ml_collections names it)
+        c.recipe_learning_rates.fast = 1e-2
+    run = demo.plan(c, ["1"])[0]
+    with pytest.raises(ValueError, match=r"config.recipe_learning_rates: unknown recipe\(s\) \['fast'\]"):
+        demo.train_config(c, run)
 
 
 @pytest.mark.parametrize("spec", ["adaparse:fast", "vit", "renet:"])
