@@ -34,7 +34,8 @@ everything on 2 cores, step times measured on random inputs: AdaParse at this wi
 batch of 16 on one core, at width 16 with the wider parser 0.94 s); the learning rates (1e-3;
 3e-3 for the improved recipe, `recipe_learning_rates`) were tried on a development zoo (the demo
 size with zoo seed 1), never on the seed-0 zoo this config reports on. No checkpoint is
-selected (one epoch, the last one is evaluated), so the held-out generators are seen once, by the evaluation. Class weights count the training generators only.
+selected (one epoch, the last one is evaluated), so the held-out generators are seen once, by
+the evaluation. Class weights count the training generators only.
 With more time, `--config.train.num_epochs=4 --config.train.data.num_val=6` selects the best
 epoch on validation generators carved from each fold's training generators.
 
