@@ -130,7 +130,8 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "build_zoo", fake_zoo)
     tiny = models.model_config("renet", size="tiny")
     c = _config([f"--config.workdir={tmp_path}", "--config.methods=('renet',)",
-                 "--config.random_gt_methods=('renet',)", "--config.n_resamples=99",
+                 "--config.random_gt_methods=('renet',)", "--config.random_gt_seeds=(0,)",
+                 "--config.n_resamples=99",
                  "--config.train.num_epochs=1", "--config.train.data.num_val=1",
                  "--config.train.data.eval_batch_size=16", "--config.train.log_every_steps=1"])
     c.train.model = tiny

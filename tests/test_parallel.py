@@ -280,9 +280,9 @@ def test_train_and_evaluate_on_8_devices_gives_the_1_device_losses(trained):
     for name, value in val_one[4].items():
         np.testing.assert_allclose(val_all[4][name], value, rtol=1e-4, err_msg=name)
     log = (trained / "all" / "train.log").read_text()
-    assert log.count("data parallel over 8 cpu device(s): batch 16, 2 per device") == 2
+    assert log.count("data parallel over 8 cpu device(s) of 1 process(es): batch 16, 2 per device") == 2
     assert "resumed from checkpoint step 2" in log
-    assert "data parallel over 1 cpu device(s): batch 16, 16 per device" in (
+    assert "data parallel over 1 cpu device(s) of 1 process(es): batch 16, 16 per device" in (
         trained / "one" / "train.log").read_text()
     # The batch really is split: each device's compiled step holds a fraction of the activations.
     (temp_one,), temp_all = _temp_mib(trained / "one"), _temp_mib(trained / "all")
