@@ -63,7 +63,7 @@ def _reference_grad(setup, term: str):
             values.append(losses.total_loss(out, labels, setup["weights"])[1][term])
         return sum(values) / len(values), values
 
-    return jax.grad(loss, has_aux=True)(variables["params"])
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])  # one compile, not op by op
 
 
 def _norm(tree) -> float:
