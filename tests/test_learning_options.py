@@ -212,6 +212,40 @@ def test_fen_lr_scale_scales_only_the_fen_steps():
     np.testing.assert_allclose(base["fen"]["w"], -1e-4, rtol=1e-3)  # Adam's first step: -lr * sign
 
 
+def _learning_rates(steps, total_steps, **opt_overrides):
+    """The learning rate each of `steps` updates used, read from the optimiser state."""
+    c = train_lib.default_config()
+    c.optimizer.update(dict(learning_rate=2e-3, weight_decay=0.0, **opt_overrides))
+    tx = train_lib.make_optimizer(c, total_steps=total_steps)
+    params = {"fen": {"w": jnp.ones(3)}, "parser": {"w": jnp.ones(3)}}
+    state, rates = tx.init(params), []
+    for _ in range(steps):
+        _, state = tx.update(params, state, params)
+        rates.append(float(train_lib.learning_rate(state)))
+    return np.array(rates)
+
+
+def test_cosine_schedule_decays_to_zero_at_the_last_step_and_constant_is_official():
+    assert train_lib.default_config().optimizer.schedule == "constant"
+    np.testing.assert_allclose(_learning_rates(5, total_steps=4), 2e-3)
+    got = _learning_rates(5, total_steps=4, schedule="cosine")
+    want = 1e-3 * (1 + np.cos(np.pi * np.minimum(np.arange(5), 4) / 4))  # update i uses count i
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    warm = _learning_rates(6, total_steps=6, schedule="cosine", warmup_steps=2)
+    np.testing.assert_allclose(warm[:3], [0.0, 1e-3, 2e-3], rtol=1e-5, atol=1e-9)  # linear warm-up
+    assert warm[3] < 2e-3 and warm[-1] < 3e-4  # then the cosine over the remaining 4 steps
+
+
+def test_bad_schedule_names_the_field():
+    c = train_lib.default_config()
+    c.optimizer.schedule = "linear"
+    with pytest.raises(train_lib.ConfigError, match="optimizer.schedule"):
+        train_lib.validate_config(c)
+    c.optimizer.schedule, c.optimizer.warmup_steps = "cosine", -1
+    with pytest.raises(train_lib.ConfigError, match="optimizer.warmup_steps"):
+        train_lib.validate_config(c)
+
+
 def test_clip_norm_clips_the_global_gradient_norm_before_adam():
     def updates(tx, grads_seq):
         params = {"fen": {"w": jnp.ones(3)}, "parser": {"w": jnp.ones(3)}}

@@ -238,3 +238,20 @@ def test_distributed_overrides_and_saved_configs(tmp_path, monkeypatch):
     del old["distributed"]
     (tmp_path / training.CONFIG_JSON).write_text(json.dumps(old))
     assert training.distributed_settings(training.load_saved_config(tmp_path)) is None
+
+
+def test_a_run_saved_before_the_schedule_fields_resumes_and_reads_as_constant(tmp_path):
+    config = training.resolve_paths(training.load_config(str(ROOT / "configs/tiny.py")), tmp_path)
+    training.check_and_save_config(config, tmp_path)
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    old = json.loads((tmp_path / training.CONFIG_JSON).read_text())
+    for field in training.ADDED_FIELDS:
+        group, leaf = field.split(".")
+        del old[group][leaf]
+    (tmp_path / training.CONFIG_JSON).write_text(json.dumps(old))
+    training.check_and_save_config(config, tmp_path, write=False)  # the same run: it may resume
+    saved = training.load_saved_config(tmp_path)
+    assert (saved.optimizer.schedule, saved.optimizer.warmup_steps) == ("constant", 0)
+    config.optimizer.schedule = "cosine"  # another run: refused, naming the field
+    with pytest.raises(training.ConfigError, match=r"optimizer.schedule: saved 'constant', now 'cosine'"):
+        training.check_and_save_config(config, tmp_path, write=False)

@@ -9,6 +9,7 @@ The names below are the package's public API, re-exported from its modules.
 """
 
 from adaparse_jax.train.config import (
+    ADDED_FIELDS,
     CONFIG_JSON,
     DISTRIBUTED_ENV,
     GENERATE,
@@ -48,7 +49,8 @@ from adaparse_jax.train.state import (
 from adaparse_jax.train.writer import METRICS_JSONL, MetricsWriter, read_metrics
 
 __all__ = [
-    "CONFIG_JSON", "DISTRIBUTED_ENV", "GENERATE", "METRICS_JSONL", "RECIPES", "ConfigError", "MetricsWriter",
+    "ADDED_FIELDS", "CONFIG_JSON", "DISTRIBUTED_ENV", "GENERATE", "METRICS_JSONL", "RECIPES", "ConfigError",
+    "MetricsWriter",
     "NonFiniteLossError", "RunData", "TrainState", "Trainer", "apply_model", "apply_recipe",
     "check_and_save_config", "check_images", "check_overrides",
     "compiled_stats", "data_mesh", "decisions", "default_config", "distributed_settings",

@@ -23,6 +23,7 @@ from adaparse_jax import atomic, models, parallel
 from adaparse_jax import losses as losses_lib
 from adaparse_jax import metrics as metrics_lib
 from adaparse_jax.data import pipeline
+from adaparse_jax.train import state as state_lib
 from adaparse_jax.train.recipes import RECIPES
 
 CLASS_WEIGHTS = ("official", "train")
@@ -38,6 +39,8 @@ RESUMABLE_FIELDS = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_ev
                     "compilation_cache", "devices", "fused_unroll", "data.loader", "data.workers",
                     "data.prefetch", "data.prepare", "data.prepare_workers", "data.eval_batch_size",
                     "distributed.auto", *(f"distributed.{f}" for f in DISTRIBUTED_FIELDS))
+# Fields added after runs were saved without them, with the value that reproduces those runs.
+ADDED_FIELDS = {"optimizer.schedule": "constant", "optimizer.warmup_steps": 0}
 
 
 class ConfigError(ValueError):
@@ -51,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
       model: `models.model_config` (arch 'adaparse' | 'renet', sizes, ablation switches).
       loss: `losses.default_loss_config` (constraint weights, lambda = 10, ce_input).
       optimizer: Adam with L2 weight decay added to the gradient (torch's Adam): learning_rate,
-        weight_decay, b1, b2, eps; clip_norm (0: off), fen_lr_scale (1: one learning rate).
+        weight_decay, b1, b2, eps; clip_norm (0: off), fen_lr_scale (1: one learning rate);
+        schedule 'constant' (official) | 'cosine' (warm-up over warmup_steps, then cosine decay to
+        0 at the run's last step).
       recipe: the training recipe the config was made with (`train.recipes`: 'official', the
         default, or 'improved'); set by `recipes.apply_recipe`, it names the run in tables.
       data.dataset: a dataset.json or its directory (e.g. a synthetic zoo); or
@@ -107,7 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = losses_lib.default_loss_config()
     c.optimizer = ml_collections.ConfigDict(
         dict(learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
-             clip_norm=0.0, fen_lr_scale=1.0))
+             clip_norm=0.0, fen_lr_scale=1.0, schedule="constant", warmup_steps=0))
     c.data = ml_collections.ConfigDict(dict(
         dataset="", images="", labels="", variant="auto", generate="", generate_seed=0,
         cache="", prepare=True, prepare_workers=0, num_val=0, val_seed=0,
@@ -192,6 +197,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for f in ("batch_size", "num_epochs", "fused_steps", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints", "eval_every_epochs", "data.eval_batch_size"):
         positive_int(f)
+    if config.optimizer.schedule not in state_lib.SCHEDULES:
+        fail("optimizer.schedule", f"one of {state_lib.SCHEDULES}")
+    if not isinstance(config.optimizer.warmup_steps, int) or config.optimizer.warmup_steps < 0:
+        fail("optimizer.warmup_steps", "an integer >= 0")
     if not isinstance(config.max_steps, int) or config.max_steps < 0:
         fail("max_steps", "an integer >= 0 (0: no limit)")
     if config.class_weights not in CLASS_WEIGHTS:
@@ -402,6 +411,10 @@ def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
     if "distributed" not in config:  # saved before the field existed: one process
         config.distributed = default_config().distributed
+    for field, value in ADDED_FIELDS.items():
+        group, leaf = field.split(".")
+        if group in config and leaf not in config[group]:
+            config[group][leaf] = value
     return config
 
 
@@ -412,7 +425,7 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: Path, *, w
     new = _normalise(config)
     if path.is_file() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         old = _normalise(json.loads(path.read_text()))
-        fo, fn = _flat(old), _flat(new)
+        fo, fn = {**ADDED_FIELDS, **_flat(old)}, _flat(new)
         diff = [k for k in sorted(set(fo) | set(fn)) if fo.get(k) != fn.get(k)
                 and k not in RESUMABLE_FIELDS]
         if diff:

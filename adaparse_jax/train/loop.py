@@ -141,11 +141,11 @@ class Trainer:
                  self.data.dataset.name, config.split, len(split.train), len(split.val), len(split.test),
                  " (Random G.T. labels)" if config.random_gt else "")
         self.model = models.build_model(config.model)
-        self.tx = state_lib.make_optimizer(config)
         self.mesh = config_lib.data_mesh(config)
         self._open_loaders()
         self.steps_per_epoch = len(self.train_loader)
         self.total = self.steps_per_epoch * config.num_epochs
+        self.tx = state_lib.make_optimizer(config, total_steps=self.total)
         self.stop = min(self.total, config.max_steps) if config.max_steps else self.total
         self.ckpt = checkpointing.Checkpointer(workdir / checkpointing.CHECKPOINTS,
                                                keep=config.keep_checkpoints, best_mode=config.selection_mode)

@@ -64,7 +64,28 @@ def _adam_l2(learning_rate, weight_decay, b1, b2, eps, clip_norm=0.0,
     return optax.chain(*parts)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int | None = None):
+    """The learning rate: `optimizer.learning_rate` as it is (schedule 'constant', the official
+    setting), or for 'cosine' a linear warm-up from 0 over `optimizer.warmup_steps` then a cosine
+    decay to 0 at `total_steps` (the run's last step; optax's `warmup_cosine_decay_schedule`).
+    Without `total_steps` (callers that only need the optimiser state's structure) the rate stays
+    at its peak."""
+    opt = config.optimizer
+    if opt.schedule not in SCHEDULES:
+        raise ValueError(f"config field optimizer.schedule={opt.schedule!r}; expected one of {SCHEDULES}")
+    if opt.schedule == "constant" or total_steps is None:
+        return opt.learning_rate
+    warmup = min(opt.warmup_steps, total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else opt.learning_rate, peak_value=opt.learning_rate,
+        warmup_steps=warmup, decay_steps=max(total_steps, 1), end_value=0.0)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int | None = None) -> optax.GradientTransformation:
     """Adam with L2 weight decay added to the gradient before the moments, as torch's Adam does.
 
     (AdamW would decouple the decay from the moments; the official code uses torch.optim.Adam with
@@ -73,12 +94,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     or a change needs no recompilation.
 
     Learning options (off by default): `clip_norm` > 0 clips the gradient's global norm first;
-    `fen_lr_scale` multiplies the FEN's steps (per-group learning rate; docs/EXPERIMENTS.md).
+    `fen_lr_scale` multiplies the FEN's steps (per-group learning rate; docs/EXPERIMENTS.md);
+    `schedule='cosine'` decays the rate over `total_steps` (`learning_rate_schedule`).
     """
     opt = config.optimizer
     return optax.inject_hyperparams(
         _adam_l2, static_args=("weight_decay", "b1", "b2", "eps", "clip_norm", "fen_lr_scale"))(
-        learning_rate=opt.learning_rate, weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2,
+        learning_rate=learning_rate_schedule(config, total_steps), weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2,
         eps=opt.eps, clip_norm=opt.clip_norm, fen_lr_scale=opt.fen_lr_scale)
 
 
