@@ -33,6 +33,8 @@ from adaparse_jax.zoo import settings as zoo_settings
 from adaparse_jax.zoo import worker as zoo_worker
 
 DEFAULT_CONFIG = Path(demo_config.__file__)  # configs/demo.py re-exports it
+# What `config.recipe_train.<recipe>` may set for that recipe's runs (train.optimizer.learning_rate, train.num_epochs).
+RECIPE_TRAIN_FIELDS = ("learning_rate", "num_epochs")
 ZOO_DIR, CACHE_DIR, RUNS_DIR, RESULTS_DIR, XLA_CACHE_DIR = "zoo", "cache", "runs", "results", "xla_cache"
 log = logging.getLogger("adaparse_jax.demo")
 
@@ -120,18 +122,25 @@ def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
 
 def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
     """The `adaparse_jax.train` config of one run: config.train with the run's architecture, recipe (and
-    its learning rate from `config.recipe_learning_rates`), fold, labels and the demo's shared zoo,
+    its learning rate and epochs from `config.recipe_train`), fold, labels and the demo's shared zoo,
     cache and compilation cache."""
     workdir = Path(config.workdir).resolve()
     t = ml_collections.ConfigDict(config.train.to_dict())
     t.model.arch = run.arch  # the demo width is the same for both architectures
     training.apply_recipe(t, run.recipe)
-    rates = config.recipe_learning_rates.to_dict()
-    unknown = sorted(set(rates) - set(training.RECIPES))
+    per_recipe = config.recipe_train.to_dict()
+    unknown = sorted(set(per_recipe) - set(training.RECIPES))
     if unknown:
-        raise ValueError(f"config.recipe_learning_rates: unknown recipe(s) {unknown}; expected some of "
+        raise ValueError(f"config.recipe_train: unknown recipe(s) {unknown}; expected some of "
                          f"{tuple(training.RECIPES)}")
-    t.optimizer.learning_rate = float(rates.get(run.recipe, t.optimizer.learning_rate))
+    for field, value in per_recipe.get(run.recipe, {}).items():
+        if field not in RECIPE_TRAIN_FIELDS:
+            raise ValueError(f"config.recipe_train.{run.recipe}.{field}: not a field a recipe's runs "
+                             f"may set here; expected some of {RECIPE_TRAIN_FIELDS}")
+        if field == "learning_rate":
+            t.optimizer.learning_rate = float(value)
+        else:
+            t[field] = int(value)
     t.data.dataset = str(workdir / ZOO_DIR)
     t.data.cache = str(workdir / CACHE_DIR)
     t.split = int(run.fold) if run.fold.isdigit() else run.fold

@@ -69,8 +69,10 @@ def test_plan_and_train_configs(tmp_path):
         assert t.recipe == run.recipe
         if run.recipe != "official":  # the recipe's fields, then compare the rest as official
             assert t.model.fen_input == "highpass" and t.loss.ce_input == "logits"
-            assert t.optimizer.learning_rate == c.recipe_learning_rates.improved == 3e-3
-            t.optimizer.learning_rate = c.train.optimizer.learning_rate
+            assert t.optimizer.learning_rate == c.recipe_train.improved.learning_rate == 3e-3
+            assert t.num_epochs == c.recipe_train.improved.num_epochs == 2
+            assert t.optimizer.schedule == "cosine"
+            t.optimizer.learning_rate, t.num_epochs = c.train.optimizer.learning_rate, c.train.num_epochs
             for path in training.RECIPES["improved"]:
                 group, field = path.split(".")
                 t[group][field] = training.default_config()[group][field]
@@ -88,12 +90,17 @@ def test_plan_and_train_configs(tmp_path):
             k: v for k, v in c.train.model.items() if k != "arch"}
 
 
-def test_recipe_learning_rates_name_an_unknown_recipe(tmp_path):
-    c = _config([f"--config.workdir={tmp_path}"])
+def test_recipe_train_names_an_unknown_recipe_or_field(tmp_path):
+    c = _config([f"--config.workdir={tmp_path}", "--config.methods=('renet:improved',)"])
     with c.unlocked():  # a locked config refuses the new key itself (ml_collections names it)
-        c.recipe_learning_rates.fast = 1e-2
+        c.recipe_train.fast = {"learning_rate": 1e-2}
     run = demo.plan(c, ["1"])[0]
-    with pytest.raises(ValueError, match=r"config.recipe_learning_rates: unknown recipe\(s\) \['fast'\]"):
+    with pytest.raises(ValueError, match=r"config.recipe_train: unknown recipe\(s\) \['fast'\]"):
+        demo.train_config(c, run)
+    with c.unlocked():
+        del c.recipe_train["fast"]
+        c.recipe_train.improved.batch_size = 8
+    with pytest.raises(ValueError, match=r"config.recipe_train.improved.batch_size: not a field"):
         demo.train_config(c, run)
 
 

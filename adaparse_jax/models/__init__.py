@@ -67,7 +67,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       parser_spectrum: 'none' (official) | 'concat' | 'only': the parser's spectral branch (the
         probe's features of each fingerprint, `parsing.ParsingNetwork`) beside or instead of its convs.
       (The last five are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
-      conv_impl: how the DnCNN's convolutions are computed, the same function either way
+      conv_impl: how the DnCNN's and the parser's convolutions are computed, the same function either way
         (`conv_ops.CONV_IMPLS`): 'auto' (default: 'weight_dots' on a CPU backend, where XLA's
         weight gradients of convolutions are slow, 'xla' elsewhere), 'xla', 'weight_dots'.
       dtype: compute dtype 'float32' | 'bfloat16' ('float64' with jax_enable_x64, for checks);
@@ -186,7 +186,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
     parser = ParsingNetwork(tuple(cfg.parser_conv_features), tuple(cfg.parser_fc_features),
                             float(cfg.dropout), explicit_padding=cfg.parser_explicit_padding,
                             input_norm=cfg.parser_input_norm, pool=cfg.parser_pool,
-                            initializer=cfg.parser_init, spectrum=cfg.parser_spectrum, **kw)
+                            initializer=cfg.parser_init, spectrum=cfg.parser_spectrum,
+                            conv_impl=cfg.conv_impl, **kw)
     if cfg.arch == "renet":
         return RENet(fen=dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, **kw), parser=parser,
                      image_size=cfg.image_size, fen_input=cfg.fen_input,

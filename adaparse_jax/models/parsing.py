@@ -106,6 +106,7 @@ class ParsingNetwork(nn.Module):
         and its periodic position means: what the spectral probe reads from images) through a
         BatchNorm (`spectrum_bn`), concatenated with the pooled conv features before the FC layers
         ('concat') or in their place ('only': no conv stages are built).
+      conv_impl: how the conv stages are computed (`conv_ops.CONV_IMPLS`, the same function).
     """
 
     conv_features: tuple[int, ...] = (32, 64, 128, 256, 512)
@@ -116,6 +117,7 @@ class ParsingNetwork(nn.Module):
     pool: str = "flatten"
     initializer: str = "torch"
     spectrum: str = "none"
+    conv_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -138,7 +140,7 @@ class ParsingNetwork(nn.Module):
                 if self.explicit_padding:
                     x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
                 x = nn.relu(conv3x3(f, x.shape[-1], padding="VALID" if self.explicit_padding else 2,
-                                    name=f"conv{i}", **kw)(x))
+                                    conv_impl=self.conv_impl, name=f"conv{i}", **kw)(x))
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             branches.insert(0, global_pool(x) if self.pool == "global" else x.reshape(b * t, -1))
         x = jnp.concatenate(branches, axis=-1) if len(branches) > 1 else branches[0]

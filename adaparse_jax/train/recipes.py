@@ -10,7 +10,7 @@
   conv stages: the features the spectral probe reads) at unit RMS through He-initialised layers,
   the cross-entropy reads logits, the low-frequency window keeps the official 25/64 ratio at any
   size, and the constraints weigh 1/100 of the official weights so they no longer swamp the
-  parsing losses' gradient on the FEN.
+  parsing losses' gradient on the FEN; the learning rate decays to 0 over the run (cosine).
 
   python train.py --config configs/re116.py:improved --workdir runs/improved_split1
   python -m adaparse_jax.demo                       # both recipes side by side on the zoo
@@ -37,6 +37,7 @@ RECIPES: Mapping[str, Mapping[str, object]] = {
         "loss.ce_input": "logits",
         "loss.lowfreq_window": "scaled",
         "loss.constraint_scale": 0.01,
+        "optimizer.schedule": "cosine",
     },
 }
 
