@@ -110,3 +110,26 @@ def test_conv_impl_is_the_same_function_in_the_models():
         # Conv biases before a BatchNorm have zero gradient up to round-off in both.
         assert rel(b, a) < 1e-4 or (np.abs(a).max() < 1e-4 and np.abs(b).max() < 1e-4), \
             jax.tree_util.keystr(path)
+
+
+def test_conv_impl_reaches_the_parser_and_keeps_its_function():
+    """The parser's conv stages take the products where they have >= 16 channels on both sides,
+    with the same outputs and gradients as XLA's convolutions."""
+    x = jax.random.normal(jax.random.key(2), (2, 1, 16, 16, 3))
+    grads, counts = {}, {}
+    for impl in ("xla", "weight_dots"):
+        cfg = models.model_config("renet", "tiny")
+        cfg.conv_impl, cfg.parser_conv_features, cfg.parser_fc_features = impl, (8, 16, 32), (16,)
+        parser = models.build_model(cfg).parser
+        variables = parser.init(jax.random.key(0), x)
+
+        def loss(params, parser=parser):
+            out = parser.apply({"params": params}, x)
+            return jnp.sum(jnp.sin(out["continuous"])) + sum(jnp.sum(v) for v in out["logits"].values())
+
+        counts[impl] = str(jax.make_jaxpr(jax.grad(loss))(variables["params"])).count("dot_general")
+        grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
+    assert counts["weight_dots"] - counts["xla"] == 9  # conv3 (16 -> 32) only: conv1, conv2 have < 16
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads["xla"]),
+                            jax.tree.leaves(grads["weight_dots"])):
+        assert rel(b, a) < 1e-4, jax.tree_util.keystr(path)
