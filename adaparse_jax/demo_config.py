@@ -101,7 +101,7 @@ def get_config(arg=None):
 
     t = default_config()
     t.model = demo_model("adaparse")  # the arch is set per run (RE-Net: the same widths)
-    t.data.num_val = 0  # one epoch: the last checkpoint is the only one (no selection to make)
+    t.data.num_val = 0  # no validation generators: the last checkpoint is evaluated (no selection)
     t.data.loader = "device"
     t.data.eval_batch_size = 100
     t.class_weights = "train"

@@ -1,4 +1,4 @@
-"""models.conv_ops: the weight gradient as per-tap matrix products is XLA's convolution gradient."""
+"""models.conv_ops: the weight gradient as per-kernel-row matrix products is XLA's convolution gradient."""
 
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def _fen(arch: str, impl: str):
 
 
 def test_conv_impl_reaches_every_dncnn_block_of_adaparse():
-    """9 per-tap products per DnCNN block in the gradient (the stem and final conv keep XLA's)."""
+    """3 products (one per kernel row) per DnCNN block in the gradient (the stem and final conv
+    keep XLA's)."""
     counts = {}
     for impl in ("xla", "weight_dots"):
         cfg, fen, x = _fen("adaparse", impl)
@@ -85,7 +86,7 @@ def test_conv_impl_reaches_every_dncnn_block_of_adaparse():
 
         jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"])
         counts[impl] = str(jaxpr).count("dot_general")
-    assert counts["weight_dots"] - counts["xla"] == 9 * (cfg.depth - 2)
+    assert counts["weight_dots"] - counts["xla"] == 3 * (cfg.depth - 2)
 
 
 def test_conv_impl_is_the_same_function_in_the_models():
@@ -129,7 +130,7 @@ def test_conv_impl_reaches_the_parser_and_keeps_its_function():
 
         counts[impl] = str(jax.make_jaxpr(jax.grad(loss))(variables["params"])).count("dot_general")
         grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
-    assert counts["weight_dots"] - counts["xla"] == 9  # conv3 (16 -> 32) only: conv1, conv2 have < 16
+    assert counts["weight_dots"] - counts["xla"] == 3  # conv3 (16 -> 32) only: conv1, conv2 have < 16
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads["xla"]),
                             jax.tree.leaves(grads["weight_dots"])):
         assert rel(b, a) < 1e-4, jax.tree_util.keystr(path)
