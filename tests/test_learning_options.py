@@ -177,6 +177,31 @@ def test_parser_spectrum_branch_reads_the_fingerprint_spectrum():
     assert "spectrum_bn" not in flat["params"]["parser"]
 
 
+def test_parser_spectrum_heads_is_a_linear_path_from_the_spectral_features_to_the_heads():
+    model, v, _ = _init(parser_spectrum="only", parser_spectrum_heads=True)
+    p = v["params"]["parser"]
+    last = p["fc3"]["kernel"].shape[1]
+    assert p["head_upsampling"]["kernel"].shape[0] == last + spectral.num_residual_features(32)
+    fp = jnp.asarray(RNG.normal(size=(4, 1, 32, 32, 3)), jnp.float32)
+    stats = v["batch_stats"]["parser"]
+    # With every FC layer zeroed the heads still tell the fingerprints apart (their linear path)...
+    zeroed = jax.tree.map(jnp.zeros_like, {k: p[k] for k in ("fc1", "fc2", "fc3")})
+    logits = model.parser.apply({"params": {**p, **zeroed}, "batch_stats": stats}, fp)["logits"]["upsampling"]
+    assert float(jnp.std(logits[:, 0])) > 1e-3
+    # ... without it they cannot: the official path goes through the FC layers alone.
+    model0, v0, _ = _init(parser_spectrum="only")
+    p0 = v0["params"]["parser"]
+    zeroed0 = jax.tree.map(jnp.zeros_like, {k: p0[k] for k in ("fc1", "fc2", "fc3")})
+    logits0 = model0.parser.apply({"params": {**p0, **zeroed0}, "batch_stats": v0["batch_stats"]["parser"]},
+                                  fp)["logits"]["upsampling"]
+    assert float(jnp.std(logits0[:, 0])) == 0.0
+    assert models.model_config("renet").parser_spectrum_heads is False  # the official default
+    cfg = models.model_config("renet", "tiny")
+    cfg.parser_spectrum_heads = True  # without a spectral branch: named
+    with pytest.raises(ValueError, match="parser_spectrum_heads=True"):
+        models.build_model(cfg)
+
+
 @pytest.mark.parametrize("arg, value", [("fen_input", "hp"), ("parser_pool", "avg"),
                                         ("parser_init", "xavier"), ("parser_input_norm", "l2"),
                                         ("parser_spectrum", "fft")])

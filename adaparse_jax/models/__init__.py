@@ -66,7 +66,9 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       parser_init: 'torch' (official) | 'he' (He-normal kernels, zero biases).
       parser_spectrum: 'none' (official) | 'concat' | 'only': the parser's spectral branch (the
         probe's features of each fingerprint, `parsing.ParsingNetwork`) beside or instead of its convs.
-      (The last five are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
+      parser_spectrum_heads: False (official) | True: the heads also read the spectral features
+        directly (a linear path beside the FC layers; needs a spectral branch).
+      (The last six are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
       conv_impl: how the DnCNN's and the parser's convolutions are computed, the same function either way
         (`conv_ops.CONV_IMPLS`): 'auto' (default: 'weight_dots' on a CPU backend, where XLA's
         weight gradients of convolutions are slow, 'xla' elsewhere), 'xla', 'weight_dots'.
@@ -102,6 +104,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.parser_pool = "flatten"
     cfg.parser_init = "torch"
     cfg.parser_spectrum = "none"
+    cfg.parser_spectrum_heads = False
     cfg.conv_impl = "auto"
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
@@ -149,6 +152,11 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     for field in ("image_size", "width", "code_dim", "hidden_dim"):
         if not isinstance(cfg[field], int) or isinstance(cfg[field], bool) or cfg[field] < 1:
             fail(field, "a positive integer")
+    if not isinstance(cfg.parser_spectrum_heads, bool):
+        fail("parser_spectrum_heads", "True or False")
+    if cfg.parser_spectrum_heads and cfg.parser_spectrum == "none":
+        fail("parser_spectrum_heads", "False with parser_spectrum='none' (the heads' linear path reads "
+             "the spectral branch)")
     if cfg.parser_spectrum != "none" and cfg.image_size % 4:
         fail("parser_spectrum", "'none' for an image_size not divisible by 4 (the spectral branch "
                                 "reads positions modulo 4)")
@@ -187,6 +195,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
                             float(cfg.dropout), explicit_padding=cfg.parser_explicit_padding,
                             input_norm=cfg.parser_input_norm, pool=cfg.parser_pool,
                             initializer=cfg.parser_init, spectrum=cfg.parser_spectrum,
+                            spectrum_heads=cfg.parser_spectrum_heads,
                             conv_impl=cfg.conv_impl, **kw)
     if cfg.arch == "renet":
         return RENet(fen=dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, **kw), parser=parser,

@@ -106,6 +106,9 @@ class ParsingNetwork(nn.Module):
         and its periodic position means: what the spectral probe reads from images) through a
         BatchNorm (`spectrum_bn`), concatenated with the pooled conv features before the FC layers
         ('concat') or in their place ('only': no conv stages are built).
+      spectrum_heads: the heads read the (normalised) spectral features too, beside the last FC
+        layer's output: a linear path like the spectral probe's logistic regression, so that no
+        head depends on the narrow FC layers alone (needs a spectral branch).
       conv_impl: how the conv stages are computed (`conv_ops.CONV_IMPLS`, the same function).
     """
 
@@ -117,6 +120,7 @@ class ParsingNetwork(nn.Module):
     pool: str = "flatten"
     initializer: str = "torch"
     spectrum: str = "none"
+    spectrum_heads: bool = False
     conv_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -149,6 +153,8 @@ class ParsingNetwork(nn.Module):
             x = nn.relu(dense(f, x.shape[-1], name=f"fc{i}", **kw)(x))
         # The heads are tiny and feed the losses: they run in float32 whatever the compute dtype.
         features = x.reshape(b, t, -1).astype(jnp.float32)
+        if self.spectrum_heads:  # a linear path from the spectral features to every head
+            features = jnp.concatenate([features, spec.reshape(b, t, -1).astype(jnp.float32)], axis=-1)
         # Kept only when the caller asks (`mutable=[INTERMEDIATES]`): the plain forward, its outputs
         # and parameter names are unchanged. `visualize` reads the heads' inputs from it.
         self.sow(INTERMEDIATES, FEATURES, features)

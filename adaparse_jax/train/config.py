@@ -40,7 +40,8 @@ RESUMABLE_FIELDS = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_ev
                     "data.prefetch", "data.prepare", "data.prepare_workers", "data.eval_batch_size",
                     "distributed.auto", *(f"distributed.{f}" for f in DISTRIBUTED_FIELDS))
 # Fields added after runs were saved without them, with the value that reproduces those runs.
-ADDED_FIELDS = {"optimizer.schedule": "constant", "optimizer.warmup_steps": 0}
+ADDED_FIELDS = {"optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
+                "model.parser_spectrum_heads": False}
 
 
 class ConfigError(ValueError):
