@@ -101,7 +101,8 @@ def markdown(report: Mapping) -> str:
         f"{where}; {s['images']} training images of {s['generators']} generators ({s['dataset']}, "
         f"split {s['split']}{', Random G.T. labels' if s['random_gt'] else ''}), batches of "
         f"{s['batch_size']}, seed {s['seed']}; constraint weights x {s['constraint_factor']:.3g} at "
-        f"this step; optimizer " + ", ".join(f"{k} {v:g}" for k, v in opt.items())
+        f"this step; optimizer " + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                             for k, v in opt.items())
         + f" ({s['seconds']} s).",
         "",
         "## Loss terms and gradient norms per parameter group",

@@ -7,8 +7,8 @@
   the image's fixed high-pass residual and each fingerprint is that residual plus the FEN's
   output (the trace the image carries survives the constraints), the parser reads the log
   amplitude spectrum of each fingerprint's high-pass residual (its spectral branch, in place of the
-  conv stages: the features the spectral probe reads) at unit RMS through He-initialised layers,
-  the cross-entropy reads logits, the low-frequency window keeps the official 25/64 ratio at any
+  conv stages: the features the spectral probe reads; the heads also read them directly) at unit
+  RMS through He-initialised layers, the cross-entropy reads logits, the low-frequency window keeps the official 25/64 ratio at any
   size, and the constraints weigh 1/100 of the official weights so they no longer swamp the
   parsing losses' gradient on the FEN; the learning rate decays to 0 over the run (cosine).
 
@@ -31,6 +31,7 @@ RECIPES: Mapping[str, Mapping[str, object]] = {
         "model.fen_input": "highpass",
         "model.fingerprint_skip": "highpass",
         "model.parser_spectrum": "only",
+        "model.parser_spectrum_heads": True,
         "model.parser_input_norm": "rms",
         "model.parser_pool": "global",
         "model.parser_init": "he",
