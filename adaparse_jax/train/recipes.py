@@ -8,9 +8,10 @@
   output (the trace the image carries survives the constraints), the parser reads the log
   amplitude spectrum of each fingerprint's high-pass residual (its spectral branch, in place of the
   conv stages: the features the spectral probe reads; the heads also read them directly) at unit
-  RMS through He-initialised layers, the cross-entropy reads logits, the low-frequency window keeps the official 25/64 ratio at any
-  size, and the constraints weigh 1/100 of the official weights so they no longer swamp the
-  parsing losses' gradient on the FEN; the learning rate decays to 0 over the run (cosine).
+  RMS through He-initialised layers, the cross-entropy reads logits, the low-frequency window
+  keeps the official 25/64 ratio at any size, and the constraints weigh 1/100 of the official
+  weights so they no longer swamp the parsing losses' gradient on the FEN; the learning rate
+  decays to 0 over the run (cosine).
 
   python train.py --config configs/re116.py:improved --workdir runs/improved_split1
   python -m adaparse_jax.demo                       # both recipes side by side on the zoo
