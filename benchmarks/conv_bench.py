@@ -9,7 +9,7 @@ are timed separately, each with the ways it can be computed:
   input grad     xla (autodiff's transposed convolution) | patches (im2col of the padded dy with
                  the flipped, transposed kernel)
   weight grad    xla (autodiff's convolution over the whole image) | weight_dots (one
-                 [C, N*H*W] x [N*H*W, F] product per kernel tap: `models.conv_ops`) | patches
+                 [kw*C, N*H*W] x [N*H*W, F] product per kernel row: `models.conv_ops`) | patches
                  (one [kh*kw*C, N*H*W] x [N*H*W, F] product on the im2col matrix)
 
 All variants of one pass are timed in turns (A B C A B C ...), the fastest turn each, and checked

@@ -29,7 +29,7 @@ def shared_dir() -> Path:
 # the modules that read the tiny training runs of train_runs.py share one group, so those runs are
 # trained once.
 TINY_RUNS_MODULES = {"test_train_e2e", "test_eval", "test_scoring", "test_runs", "test_forensics",
-                     "test_diagnose"}
+                     "test_diagnose_cli"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (else no grouping)

@@ -1,10 +1,9 @@
-"""adaparse_jax.diagnose: gradient norms per term and group, Adam's step ratio, unit activity, probe, CLI."""
+"""adaparse_jax.diagnose: gradient norms per term and group, Adam's step ratio, unit activity, probe
+(the command line on trained runs: test_diagnose_cli.py)."""
 
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 
 import flax.linen as nn
 import jax
@@ -13,7 +12,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import train_runs
 
 from adaparse_jax import diagnose, losses, models, targets
 from adaparse_jax import train as training
@@ -48,12 +46,18 @@ def tiny_adaparse():
                 result=result)
 
 
-def _reference_grad(setup, term: str):
-    """jax.grad of one term alone, written from the model and losses directly: the mean over the
-    batches of `total_loss(...)[1][term]` with BatchNorm in training mode."""
+REFERENCE_TERMS = ("spectrum", "upsampling", "continuous")
+
+
+@pytest.fixture(scope="module")
+def reference_grads(tiny_adaparse):
+    """jax.grad of each of REFERENCE_TERMS alone, written from the model and losses directly: the
+    mean over the batches of `total_loss(...)[1][term]` with BatchNorm in training mode. One
+    compilation for the three terms."""
+    setup = tiny_adaparse
     model, variables = setup["model"], setup["variables"]
 
-    def loss(params):
+    def loss(params, term):
         values = []
         for batch in setup["batches"]:
             out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
@@ -63,7 +67,8 @@ def _reference_grad(setup, term: str):
             values.append(losses.total_loss(out, labels, setup["weights"])[1][term])
         return sum(values) / len(values), values
 
-    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])  # one compile, not op by op
+    grads = jax.jit(lambda p: {t: jax.grad(loss, has_aux=True)(p, t) for t in REFERENCE_TERMS})
+    return grads(variables["params"])
 
 
 def _norm(tree) -> float:
@@ -71,9 +76,9 @@ def _norm(tree) -> float:
                              for x in jax.tree.leaves(tree))))
 
 
-@pytest.mark.parametrize("term", ["spectrum", "upsampling", "continuous"])
-def test_term_gradient_norms_equal_the_gradient_of_that_term_alone(tiny_adaparse, term):
-    g, values = _reference_grad(tiny_adaparse, term)
+@pytest.mark.parametrize("term", REFERENCE_TERMS)
+def test_term_gradient_norms_equal_the_gradient_of_that_term_alone(tiny_adaparse, reference_grads, term):
+    g, values = reference_grads[term]
     fen = g["fen"]
     expected = {"fen/shared": _norm(fen["shared"]), "fen/hypernet": _norm(fen["hypernet"]),
                 "fen/middle+adaptive": _norm([fen["middle"], fen["adaptive"]]),
@@ -233,57 +238,3 @@ def test_probe_reads_an_attribute_from_its_own_fingerprint_only():
     assert out["skip"]["fingerprint"] < 0.8  # the checkerboard is not in skip's fingerprint
     assert out["normalization"]["image"] is None  # one class in the sample: not available
     assert out["upsampling"]["generators"] == 12
-
-
-# ------------------------------------------------------------------------------------------------
-# The command on a tiny run (the tiny runs of train_runs.py, shared with test_train_e2e / test_eval).
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return train_runs.tiny_runs(tmp_path_factory)
-
-
-def test_cli_writes_markdown_and_json_for_a_checkpoint(runs, capsys):
-    workdir = runs["A"]
-    assert diagnose.main(["--workdir", str(workdir), "--images", "32"]) == 0
-    printed = capsys.readouterr().out
-    out = workdir / "diagnose"
-    report = json.loads((out / diagnose.JSON).read_text())
-    assert (out / diagnose.MARKDOWN).read_text() in printed
-    assert report["source"]["arch"] == "renet" and report["groups"] == ["fen", "parser"]
-    assert report["source"]["images"] == 32 and report["source"]["step"] > 0
-    assert report["adam"]["available"] and report["adam"]["count"] == report["source"]["step"]
-    assert set(report["adam"]["groups"]) == {"fen", "parser"}
-    assert report["gradients"][diagnose.CONSTRAINTS]["parser"] == 0.0
-    assert set(report["probe"]) == {t.name for t in targets.DISCRETE_TARGETS}
-    assert "parser/fc3" in report["activations"]
-    for section in ("## Loss terms", "## Adam's effective step ratio", "## Activations", "## Probe"):
-        assert section in printed
-
-
-def test_cli_fresh_initialisation_reports_no_adam_state(runs, tmp_path, capsys):
-    out = tmp_path / "init"
-    assert diagnose.main(["--config", train_runs.CONFIG, "--dataset", str(runs["dataset"]),
-                          f"--config.data.cache={runs['cache']}", "--config.loss.constraint_scale=0.01",
-                          "--images", "16", "--out", str(out)]) == 0
-    report = json.loads((out / diagnose.JSON).read_text())
-    assert report["source"]["step"] == 0 and not report["adam"]["available"]
-    assert report["source"]["constraint_factor"] == pytest.approx(0.01)
-    assert "Not available: fresh initialisation" in capsys.readouterr().out
-
-
-def test_cli_errors_are_one_line(runs, tmp_path, capsys):
-    def error(args):
-        assert diagnose.main(args) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err
-        return err
-
-    assert "does not exist" in error(["--workdir", str(tmp_path / "nope")])
-    assert "no checkpoint step 999" in error(["--workdir", str(runs["A"]), "--step", "999"])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    shutil.copy(runs["A"] / training.CONFIG_JSON, empty / training.CONFIG_JSON)
-    assert "no checkpoint" in error(["--workdir", str(empty)])
-    assert "--out is required" in error(["--config", train_runs.CONFIG])
