@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# Three workers on two cores: much of the suite is XLA compilation (one thread), which the third
+# worker overlaps with the others' computation.
+PYTEST_ARGS ?= -n 3 --dist loadgroup
 QUICK ?= 0
 
 .PHONY: venv test demo bench clean
