@@ -357,3 +357,9 @@ def test_probe_goal_checks_each_criterion():
     g = scoring.probe_goal(report, "A (improved)", probe, official="A",
                            random_gt="Random G.T. (A (improved))")
     assert g["below_probe"] == ["upsampling"] and not g["met"]
+
+
+def test_parsing_network_without_a_spectral_branch_refuses_spectrum_heads():
+    net = parsing.ParsingNetwork((4,), (8,), 0.0, spectrum_heads=True)
+    with pytest.raises(ValueError, match=r"spectrum_heads=True\) needs a spectral branch"):
+        net.init(jax.random.key(0), jnp.zeros((1, 1, 16, 16, 3)))

@@ -255,3 +255,20 @@ def test_a_run_saved_before_the_schedule_fields_resumes_and_reads_as_constant(tm
     config.optimizer.schedule = "cosine"  # another run: refused, naming the field
     with pytest.raises(training.ConfigError, match=r"optimizer.schedule: saved 'constant', now 'cosine'"):
         training.check_and_save_config(config, tmp_path, write=False)
+
+
+def test_a_cosine_run_cannot_resume_with_other_epochs_a_constant_one_can(tmp_path):
+    config = training.resolve_paths(training.load_config(str(ROOT / "configs/tiny.py")), tmp_path)
+    config.optimizer.schedule = "cosine"
+    training.check_and_save_config(config, tmp_path)
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    config.num_epochs += 1  # the decay would end elsewhere: refused, naming the field
+    with pytest.raises(training.ConfigError, match=r"num_epochs: saved \d+, now \d+"):
+        training.check_and_save_config(config, tmp_path, write=False)
+    constant = tmp_path / "constant"
+    constant.mkdir()
+    config = training.resolve_paths(training.load_config(str(ROOT / "configs/tiny.py")), constant)
+    training.check_and_save_config(config, constant)
+    (constant / "checkpoints" / "3").mkdir(parents=True)
+    config.num_epochs += 1
+    training.check_and_save_config(config, constant, write=False)  # constant rate: more epochs resume

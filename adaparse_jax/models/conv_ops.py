@@ -11,10 +11,11 @@ VALID). For those, `conv_function(impl)` returns a drop-in for `lax.conv_general
                 x_pad[n, h+i, w+j, :] (j = 0..kw-1) side by side, [N*H'*W', kw*C] (a
                 `jax.custom_vjp`). XLA:CPU computes the weight gradient of a convolution as a
                 convolution whose window is the whole image, several times slower per FLOP than
-                the forward pass. Measured on this project's 2-core CPU (weight gradient alone,
-                64 -> 64 channels, 64 x 64): 8 images, XLA 27.5 GFLOP/s, one product per tap
-                37.4, per row 43.2; 200 images (AdaParse's 25 folded streams of 8) 16.5, 19.2 and
-                47.7 (BENCHMARKS.md, lever "conv weight gradient"). Convolutions with fewer than
+                the forward pass. Measured on this project's 2-core CPU (`python -m
+                benchmarks.conv_bench --arch adaparse --batch 8 --only "DnCNN block"`, weight
+                gradient of a 64 -> 64 conv at 64 x 64): 8 images, XLA 37.9 GFLOP/s, per row 45.0;
+                200 images (AdaParse's 25 folded streams of 8) 16.0 and 45.6 (BENCHMARKS.md,
+                lever "conv weight gradient"). Convolutions with fewer than
                 MIN_DOT_CHANNELS input or output channels (the DnCNN's stem and final
                 convolution) keep XLA's weight gradient: a product with a 3-wide side is slower
                 than it there.

@@ -134,6 +134,9 @@ class ParsingNetwork(nn.Module):
         x = fingerprints.reshape(b * t, *fingerprints.shape[2:]).astype(self.dtype)
         if self.input_norm == "rms":
             x = rms_normalize(x)
+        if self.spectrum_heads and self.spectrum == "none":
+            raise ValueError("ParsingNetwork(spectrum_heads=True) needs a spectral branch (spectrum "
+                             "'concat' or 'only'; config field parser_spectrum)")
         branches = []
         if self.spectrum != "none":
             spec = spectral.residual_features(x.astype(jnp.float32).mean(-1))

@@ -427,15 +427,18 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: Path, *, w
     if path.is_file() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         old = _normalise(json.loads(path.read_text()))
         fo, fn = {**ADDED_FIELDS, **_flat(old)}, _flat(new)
-        diff = [k for k in sorted(set(fo) | set(fn)) if fo.get(k) != fn.get(k)
-                and k not in RESUMABLE_FIELDS]
+        # A decaying learning rate is a function of the run's length: its epochs are then fixed.
+        resumable = set(RESUMABLE_FIELDS) - ({"num_epochs"} if fn.get("optimizer.schedule") != "constant"
+                                             else set())
+        diff = [k for k in sorted(set(fo) | set(fn)) if fo.get(k) != fn.get(k) and k not in resumable]
         if diff:
             lines = [f"{k}: saved {fo.get(k, '(absent)')!r}, now {fn.get(k, '(absent)')!r}" for k in diff]
             what = ("its checkpoints are from a different model" if any(k.startswith("model.") for k in diff)
                     else "it holds a run with another config")
             raise ConfigError(
                 f"workdir {workdir} cannot continue with this config: {what}:\n  " + "\n  ".join(lines)
-                + f"\nuse another --workdir (fields that may change on resume: {', '.join(RESUMABLE_FIELDS)})")
+                + "\nuse another --workdir (fields that may change on resume: "
+                + ", ".join(f for f in RESUMABLE_FIELDS if f in resumable) + ")")
     if write:
         atomic.write_json(path, new, sort_keys=True)
 
