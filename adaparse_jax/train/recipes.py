@@ -6,9 +6,10 @@
   choice). They act on what the diagnosis found (`python -m adaparse_jax.diagnose`): the FEN reads
   the image's fixed high-pass residual and each fingerprint is that residual plus the FEN's
   output (the trace the image carries survives the constraints), the parser reads the log
-  amplitude spectrum of each fingerprint's high-pass residual (its spectral branch, in place of the
-  conv stages: the features the spectral probe reads; the heads also read them directly) at unit
-  RMS through He-initialised layers, the cross-entropy reads logits, the low-frequency window
+  amplitude spectrum of each fingerprint's high-pass residual (its spectral branch, beside the
+  conv stages: the features the spectral probe reads; the heads also read them directly) through
+  He-initialised layers, at the fingerprint's own scale (no RMS normalisation: its level is what
+  reads the loss groups), the cross-entropy reads logits, the low-frequency window
   keeps the official 25/64 ratio at any size, and the constraints weigh 1/100 of the official
   weights so they no longer swamp the parsing losses' gradient on the FEN; the learning rate
   decays to 0 over the run (cosine).
@@ -31,9 +32,8 @@ RECIPES: Mapping[str, Mapping[str, object]] = {
     "improved": {
         "model.fen_input": "highpass",
         "model.fingerprint_skip": "highpass",
-        "model.parser_spectrum": "only",
+        "model.parser_spectrum": "concat",
         "model.parser_spectrum_heads": True,
-        "model.parser_input_norm": "rms",
         "model.parser_pool": "global",
         "model.parser_init": "he",
         "loss.ce_input": "logits",
