@@ -303,7 +303,8 @@ def test_improved_recipe_sets_its_fields_and_names_the_run():
 
     c = training.apply_recipe(training.default_config(), "improved")
     assert c.recipe == "improved" and c.model.fen_input == "highpass"
-    assert c.model.fingerprint_skip == "highpass" and c.model.parser_spectrum == "only"
+    assert c.model.fingerprint_skip == "highpass" and c.model.parser_spectrum == "concat"
+    assert c.model.parser_input_norm == "none"  # the fingerprint's level reads the loss groups
     assert c.model.parser_spectrum_heads is True and c.optimizer.schedule == "cosine"
     assert c.loss.constraint_scale == 0.01 and c.model.parser_pool == "global"
     training.validate_config(c)
