@@ -1,21 +1,9 @@
 """Fixtures shared by the test modules."""
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-
-# One persistent XLA compilation cache for the whole session: the xdist workers and the child
-# processes the tests start (train.py runs, the demo, multi-process training) inherit it, so a
-# program compiled once (the tiny models' steps recur across modules) is read back elsewhere.
-# The controlling process sets it before its workers start and removes it at the end; a cache
-# dir set by the caller is kept and used as it is.
-_OWN_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-if _OWN_XLA_CACHE:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="adaparse-jax-tests-xla-")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def skip_or_fail(reason: str) -> None:
@@ -49,8 +37,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = Path(str(item.fspath)).stem
         item.add_marker(pytest.mark.xdist_group("tiny_runs" if module in TINY_RUNS_MODULES else module))
-
-
-def pytest_unconfigure(config):
-    if _OWN_XLA_CACHE and not hasattr(config, "workerinput"):  # the process that made it
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

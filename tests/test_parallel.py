@@ -176,9 +176,8 @@ def _run_child(kind: str, out: Path) -> None:
     flag = f"--xla_force_host_platform_device_count={DEVICES}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     env["JAX_PLATFORMS"] = "cpu"
-    # Identical programs (the two halves of the resumed run) are compiled once (in the session's
-    # cache where conftest set one).
-    env["JAX_COMPILATION_CACHE_DIR"] = env.get("JAX_COMPILATION_CACHE_DIR") or str(out / "xla")
+    # Identical programs (the two halves of the resumed run) are compiled once.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(out / "xla")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, __file__, kind, str(out)], cwd=ROOT, env=env,

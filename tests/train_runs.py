@@ -69,11 +69,8 @@ def tiny_runs(tmp_path_factory) -> dict:
         return _RUNS
     root = tmp_path_factory.mktemp("tiny_runs")
     ds_path = write_tiny_dataset(root)
-    # The session's compilation cache where conftest set one (other modules compile the same
-    # tiny RE-Net steps), else the runs' own.
-    xla = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "xla")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=xla, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
     common = ["--config", CONFIG, f"--config.data.dataset={ds_path.parent}",
               f"--config.data.cache={root / 'cache'}", "--config.progress=False",
               "--config.num_epochs=2", "--config.checkpoint_every_steps=3",
