@@ -55,6 +55,7 @@ class Bench:
     reinit: Any  # () -> a fresh TrainState
     image_size: int
     forward_flops: float  # conv + matmul FLOPs per image of the forward pass (from the jaxpr)
+    conv_impl: str = "auto"  # `model.conv_impl` of every model this bench builds
     compiled: dict = dataclasses.field(default_factory=dict)
     results: dict = dataclasses.field(default_factory=dict)
 
@@ -65,6 +66,7 @@ class Bench:
     def model_config(self, dtype: str):
         cfg = models.model_config(self.arch, self.size)
         cfg.dtype = dtype
+        cfg.conv_impl = self.conv_impl
         return cfg
 
     def model(self, dtype: str):
@@ -80,10 +82,11 @@ class Bench:
         return self.forward_flops * (3 if kind == "train" else 1)
 
 
-def make_bench(arch: str, size: str = "full", seed: int = 0) -> Bench:
+def make_bench(arch: str, size: str = "full", seed: int = 0, conv_impl: str = "auto") -> Bench:
     """Initialise the state (`training.init_state`, timed) and the labels of one architecture."""
     config = training.default_config()
     config.model = models.model_config(arch, size)
+    config.model.conv_impl = conv_impl
     model = models.build_model(config.model)
     tx = training.make_optimizer(config)
     s = config.model.image_size
@@ -100,7 +103,7 @@ def make_bench(arch: str, size: str = "full", seed: int = 0) -> Bench:
     forward = common.conv_dot_flops(lambda v, x: model.apply(v, x, train=False), shapes, images)
     return Bench(arch=arch, size=size, tx=tx, state=state, labels=labels,
                  class_weights=targets.class_weights(labels), loss_config=losses.default_loss_config(),
-                 init_s=init_s, reinit=reinit, image_size=s, forward_flops=forward)
+                 init_s=init_s, reinit=reinit, image_size=s, forward_flops=forward, conv_impl=conv_impl)
 
 
 def host_batch(bench: Bench, batch: int, fused: int = 1, seed: int = 0) -> dict:

@@ -13,26 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-from adaparse_jax import models
 from adaparse_jax.models import conv_ops
 from benchmarks import model_bench
 
 
 def step_row(arch: str, impl: str, batch: int, repeats: int) -> dict:
     """`model_bench.train_row` of `arch` at full size with `conv_impl=impl`."""
-    original = models.model_config
-
-    def with_impl(*args, **kwargs):
-        cfg = original(*args, **kwargs)
-        cfg.conv_impl = impl
-        return cfg
-
-    models.model_config = with_impl  # model_bench builds its model from models.model_config
-    try:
-        bench = model_bench.make_bench(arch)
-        return model_bench.train_row(bench, "float32", batch, repeats=repeats)
-    finally:
-        models.model_config = original
+    bench = model_bench.make_bench(arch, conv_impl=impl)
+    return model_bench.train_row(bench, "float32", batch, repeats=repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
