@@ -39,9 +39,9 @@ def test_weight_dots_gradients_equal_xla_convolution_gradients(padding):
     assert rel(dw1, dw0) < 1e-5
 
 
-def _grad_jaxpr(impl: str, channels: int) -> str:
+def _grad_jaxpr(impl: str, channels: int, batch: int = 1) -> str:
     conv = conv_ops.conv_function(impl)
-    x, w = jnp.ones((1, 6, 6, channels)), jnp.ones((3, 3, channels, channels))
+    x, w = jnp.ones((batch, 6, 6, channels)), jnp.ones((3, 3, channels, channels))
     return str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv(
         x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")))))(w))
 
@@ -51,8 +51,12 @@ def test_conv_function_dispatch():
     assert "dot_general" not in _grad_jaxpr("xla", 16)
     # A 3-wide side (DnCNN stem / final convolution) keeps XLA's weight gradient.
     assert "dot_general" not in _grad_jaxpr("weight_dots", conv_ops.MIN_DOT_CHANNELS - 1)
-    # auto: the products on a CPU backend (this test process), XLA's convolution elsewhere.
-    assert ("dot_general" in _grad_jaxpr("auto", 16)) == (jax.default_backend() == "cpu")
+    # auto: the products on a CPU backend (this test process) from MIN_DOT_BATCH images on (the
+    # folded streams), XLA's convolution for smaller batches and on other backends.
+    on_cpu = jax.default_backend() == "cpu"
+    assert ("dot_general" in _grad_jaxpr("auto", 16, conv_ops.MIN_DOT_BATCH)) == on_cpu
+    assert "dot_general" not in _grad_jaxpr("auto", 16, conv_ops.MIN_DOT_BATCH - 1)
+    assert "dot_general" not in _grad_jaxpr("auto", conv_ops.MIN_DOT_CHANNELS - 1, 64)
     with pytest.raises(ValueError, match="conv_impl='fast'"):
         conv_ops.conv_function("fast")
 
@@ -73,9 +77,10 @@ def _fen(arch: str, impl: str):
 
 def test_conv_impl_reaches_every_dncnn_block_of_adaparse():
     """3 products (one per kernel row) per DnCNN block in the gradient (the stem and final conv
-    keep XLA's)."""
+    keep XLA's); 'auto' on a CPU only in the blocks that run on the 25 folded streams of the 2
+    images (50 >= MIN_DOT_BATCH), not in the shared and middle blocks (batch 2)."""
     counts = {}
-    for impl in ("xla", "weight_dots"):
+    for impl in ("xla", "weight_dots", "auto"):
         cfg, fen, x = _fen("adaparse", impl)
         variables = jax.eval_shape(lambda x, fen=fen: fen.init(jax.random.key(0), x), x)
 
@@ -87,6 +92,9 @@ def test_conv_impl_reaches_every_dncnn_block_of_adaparse():
         jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"])
         counts[impl] = str(jaxpr).count("dot_general")
     assert counts["weight_dots"] - counts["xla"] == 3 * (cfg.depth - 2)
+    folded_blocks = cfg.depth - 2 - cfg.inject_block
+    assert folded_blocks > 0 and cfg.inject_block > 0
+    assert counts["auto"] - counts["xla"] == (3 * folded_blocks if jax.default_backend() == "cpu" else 0)
 
 
 def test_conv_impl_is_the_same_function_in_the_models():

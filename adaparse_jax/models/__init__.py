@@ -70,8 +70,10 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
         directly (a linear path beside the FC layers; needs a spectral branch).
       (The last six are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
       conv_impl: how the DnCNN's and the parser's convolutions are computed, the same function either way
-        (`conv_ops.CONV_IMPLS`): 'auto' (default: 'weight_dots' on a CPU backend, where XLA's
-        weight gradients of convolutions are slow, 'xla' elsewhere), 'xla', 'weight_dots'.
+        (`conv_ops.CONV_IMPLS`): 'auto' (default: on a CPU backend 'weight_dots' for batches of
+        at least `conv_ops.MIN_DOT_BATCH` images, such as AdaParse's 25 folded streams per image,
+        where XLA's weight gradients of convolutions are slow; 'xla' otherwise and on other
+        backends), 'xla', 'weight_dots'.
       dtype: compute dtype 'float32' | 'bfloat16' ('float64' with jax_enable_x64, for checks);
       param_dtype: parameter dtype.
     """

@@ -19,8 +19,16 @@ VALID). For those, `conv_function(impl)` returns a drop-in for `lax.conv_general
                 MIN_DOT_CHANNELS input or output channels (the DnCNN's stem and final
                 convolution) keep XLA's weight gradient: a product with a 3-wide side is slower
                 than it there.
-  auto          'weight_dots' when the default backend is a CPU, else 'xla' (GPUs have cuDNN's
-                weight-gradient kernels), decided when the model is traced.
+  auto          'weight_dots' for a convolution whose batch holds at least MIN_DOT_BATCH images
+                when the default backend is a CPU, else 'xla' (GPUs have cuDNN's
+                weight-gradient kernels), decided when the model is traced. On a CPU that means
+                the products where AdaParse folds its 25 personalised streams into the batch
+                (the adaptive DnCNN blocks and the parser: 25 B images), XLA's weight gradient
+                on RE-Net's and AdaParse's shared blocks at the batch sizes a CPU trains (the
+                whole training step, `python -m benchmarks.step_impl`: RE-Net at batch 8 takes
+                1.36-1.59 s with XLA's convolutions and 1.54-1.95 s with products everywhere;
+                AdaParse at batch 2 5.52-6.41 s with products everywhere against 6.87-7.07 s
+                with XLA's; BENCHMARKS.md, 2026-12-04 15:02).
 
 Other convolutions (strides, dilation, groups, other layouts) always take `lax.conv_general_dilated`.
 """
@@ -35,6 +43,7 @@ from jax import lax
 
 CONV_IMPLS = ("auto", "xla", "weight_dots")
 MIN_DOT_CHANNELS = 16
+MIN_DOT_BATCH = 32  # 'auto': the batch from which a CPU takes the products
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -93,7 +102,8 @@ def conv_function(impl: str):
                  and batch_group_count == 1 and precision is None and preferred_element_type is None
                  and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                  == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-        dots = impl == "weight_dots" or (impl == "auto" and jax.default_backend() == "cpu")
+        dots = impl == "weight_dots" or (impl == "auto" and jax.default_backend() == "cpu"
+                                         and plain and lhs.shape[0] >= MIN_DOT_BATCH)
         if (pads is None or not plain or not dots
                 or min(rhs.shape[-2:]) < MIN_DOT_CHANNELS):
             return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
