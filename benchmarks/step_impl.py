@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     for turn in range(1, args.turns + 1):
         for impl in args.impls:
             r = step_row(args.arch, impl, args.batch, args.repeats)
-            print(f"turn {turn} conv_impl={impl}: {r['name']}: {r.get('details')}; compile "
+            print(f"turn {turn} conv_impl={impl}: {r['name']}: median "
+                  f"{r.get('ms_per_call') or float('nan'):.0f} ms, {r.get('details')}; compile "
                   f"{r.get('compile_s', float('nan')):.1f} s", flush=True)
 
 
