@@ -25,10 +25,8 @@ VALID). For those, `conv_function(impl)` returns a drop-in for `lax.conv_general
                 the products where AdaParse folds its 25 personalised streams into the batch
                 (the adaptive DnCNN blocks and the parser: 25 B images), XLA's weight gradient
                 on RE-Net's and AdaParse's shared blocks at the batch sizes a CPU trains (the
-                whole training step, `python -m benchmarks.step_impl`: RE-Net at batch 8 takes
-                1.36-1.59 s with XLA's convolutions and 1.54-1.95 s with products everywhere;
-                AdaParse at batch 2 5.52-6.41 s with products everywhere against 6.87-7.07 s
-                with XLA's; BENCHMARKS.md, 2026-12-04 15:02).
+                whole training step per setting, `python -m benchmarks.step_impl`: BENCHMARKS.md,
+                lever "conv weight gradient").
 
 Other convolutions (strides, dilation, groups, other layouts) always take `lax.conv_general_dilated`.
 """
@@ -103,7 +101,7 @@ def conv_function(impl: str):
                  and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                  == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
         dots = impl == "weight_dots" or (impl == "auto" and jax.default_backend() == "cpu"
-                                         and plain and lhs.shape[0] >= MIN_DOT_BATCH)
+                                         and lhs.shape[0] >= MIN_DOT_BATCH)
         if (pads is None or not plain or not dots
                 or min(rhs.shape[-2:]) < MIN_DOT_CHANNELS):
             return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
