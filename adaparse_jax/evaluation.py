@@ -103,7 +103,7 @@ def headline(metrics: Mapping[str, float], prefix: str = "") -> str:
 def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
                  eval_step: Callable | None = None, reuse: bool = True,
                  images_per_generator: Sequence[int | None] = DEFAULT_IMAGES_PER_GENERATOR,
-                 seed: int = 0, allow_untrained: bool = False) -> dict:
+                 seed: int = 0, allow_untrained: bool = False, with_metrics: bool = True) -> dict:
     """Evaluate one run on its split's test generators (see the module docstring).
 
     Args:
@@ -114,6 +114,9 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
       allow_untrained: evaluate a checkpoint whose record lists untrained parts (a converted
         RE-Net FEN with a random parser, `convert`); refused otherwise
         (`checkpointing.UntrainedModelError`).
+      with_metrics: False makes sure the predictions exist and returns the run's facts without
+        scoring them (no 'metrics', 'baseline_metrics', 'confusion' keys, nothing written): what
+        `scoring.score_runs` needs, which pools the predictions of all folds itself.
 
     Returns a dict with 'label', 'split', 'step', 'selection', 'metrics', 'baseline_metrics',
     'confusion', 'predictions' (the .npz path) and the generator lists; also written as
@@ -143,12 +146,6 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
         save_predictions(pred_path, preds, generator_names=dataset.names, paths=source_paths)
         preds = load_predictions(pred_path)
     label_rows, generators = preds["label_rows"], preds["generator"]
-    scores = metrics_lib.compute_metrics(_decisions(preds), label_rows, generators,
-                                         images_per_generator=images_per_generator, seed=seed)
-    train_rows = dataset.labels[dataset.rows(split.train + split.val)]
-    baseline = metrics_lib.mean_mode_baseline(train_rows, len(label_rows))
-    baseline_scores = metrics_lib.compute_metrics(baseline, label_rows, generators,
-                                                  images_per_generator=images_per_generator, seed=seed)
     result = {
         "workdir": str(workdir),
         "label": run_label(config),
@@ -162,13 +159,23 @@ def evaluate_run(workdir: str | os.PathLike, *, step: int | None = None,
         "val_generators": list(split.val),
         "test_generators": list(split.test),
         "num_images": int(len(label_rows)),
+        "predictions": str(pred_path),
+    }
+    if not with_metrics:
+        return result
+    scores = metrics_lib.compute_metrics(_decisions(preds), label_rows, generators,
+                                         images_per_generator=images_per_generator, seed=seed)
+    train_rows = dataset.labels[dataset.rows(split.train + split.val)]
+    baseline = metrics_lib.mean_mode_baseline(train_rows, len(label_rows))
+    baseline_scores = metrics_lib.compute_metrics(baseline, label_rows, generators,
+                                                  images_per_generator=images_per_generator, seed=seed)
+    result.update({
         "images_per_generator": [n if n is not None else "all" for n in images_per_generator],
         "metrics": scores,
         "baseline_metrics": baseline_scores,
         "confusion": confusion_matrices(preds, label_rows),
         "baseline_confusion": confusion_matrices(baseline, label_rows),
-        "predictions": str(pred_path),
-    }
+    })
     out = workdir / EVAL_DIR / f"test_metrics_step{step}.json"
     atomic.write_json(out, result)
     return result

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import f1_score
 
 from adaparse_jax import targets
 
@@ -100,7 +100,8 @@ def score(predictions: Mapping, label_rows) -> dict[str, float]:
     for t in targets.CLASSIFICATION_TARGETS:
         y_true = np.asarray(labels[t.name])
         y_pred = np.asarray(predictions[t.name]).astype(np.int64)
-        out[f"acc/{t.name}"] = float(accuracy_score(y_true, y_pred))
+        out[f"acc/{t.name}"] = float(np.mean(y_true == y_pred))  # sklearn's accuracy_score, without
+        # its input checks (half the time of `score`, which evaluation calls tens of times per run)
         out[f"f1/{t.name}"] = float(f1_score(y_true, y_pred, average="macro", zero_division=0))
     for family, members in _FAMILIES.items():
         for metric in ("acc", "f1"):

@@ -125,7 +125,7 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
     groups: dict[str, dict[int, list]] = {}
     for d in dirs:
         info = _run_info(d)
-        result = evaluation.evaluate_run(d)
+        result = evaluation.evaluate_run(d, with_metrics=False)  # the pooled folds are scored below
         groups.setdefault(info["label"], {}).setdefault(info["replicate"], []).append(result)
     first = next(iter(next(iter(groups.values())).values()))[0]
     config = load_saved_config(first["workdir"])

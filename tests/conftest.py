@@ -1,9 +1,21 @@
 """Fixtures shared by the test modules."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One persistent XLA compilation cache for the whole test session: the controller makes it before
+# any test process starts, and the xdist workers and the subprocesses the tests spawn (train.py
+# runs, demo runs, multi-device children) inherit it, so a program compiled by one process is
+# read from disk by the others. Tests that need their own cache set the variable themselves.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="adaparse-jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 
 def skip_or_fail(reason: str) -> None:

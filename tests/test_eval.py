@@ -194,6 +194,24 @@ def test_rescoring_saved_predictions_reads_no_cache(runs, tmp_path):
     assert not (tmp_path / "no_cache").exists()
 
 
+def test_facts_without_metrics_match_the_evaluation_and_write_nothing(runs, tmp_path, monkeypatch):
+    """scoring.score_runs pools the folds itself: evaluate_run(with_metrics=False) gives the run's
+    facts (the same as the full evaluation's) without scoring them or rewriting the metrics file."""
+    import shutil
+
+    from adaparse_jax import metrics as metrics_lib
+
+    copy = tmp_path / "A"
+    shutil.copytree(runs["A"], copy)
+    full = evaluation.evaluate_run(copy)
+    written = {p: p.stat().st_mtime_ns for p in (copy / evaluation.EVAL_DIR).iterdir()}
+    monkeypatch.setattr(metrics_lib, "compute_metrics", lambda *a, **k: pytest.fail("scored"))
+    facts = evaluation.evaluate_run(copy, with_metrics=False)
+    assert facts == {k: v for k, v in full.items() if k in facts}
+    assert {"metrics", "baseline_metrics", "confusion", "baseline_confusion"}.isdisjoint(facts)
+    assert {p: p.stat().st_mtime_ns for p in (copy / evaluation.EVAL_DIR).iterdir()} == written
+
+
 def test_runs_of_two_datasets_keep_both_splits(monkeypatch):
     """Duplicates are found per (dataset, split); the per-split numbers are kept per (dataset, split)
     too, so split 1 of one dataset never overwrites split 1 of another."""
