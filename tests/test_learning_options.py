@@ -177,6 +177,38 @@ def test_parser_spectrum_branch_reads_the_fingerprint_spectrum():
     assert "spectrum_bn" not in flat["params"]["parser"]
 
 
+def test_parser_spectrum_channels_rgb_reads_each_channel():
+    """'rgb': the branch's features are those of each fingerprint channel, concatenated in RGB order
+    (a NumPy reference); 'mean' (the default) reads the channel mean, which cancels a trace that
+    sits in one channel with the opposite sign in another."""
+    model, v, _ = _init(parser_spectrum="only", parser_spectrum_channels="rgb")
+    p, stats = v["params"]["parser"], v["batch_stats"]["parser"]
+    n = spectral.num_residual_features(32)
+    assert p["fc1"]["kernel"].shape[0] == p["spectrum_bn"]["scale"].shape[0] == 3 * n
+    fp = RNG.normal(size=(4, 1, 32, 32, 3)).astype(np.float32)
+    feats = np.concatenate([spectral.residual_features(fp[:, 0, ..., c], xp=np) for c in range(3)], axis=1)
+    bn = ((feats - np.asarray(stats["spectrum_bn"]["mean"])) / np.sqrt(np.asarray(stats["spectrum_bn"]["var"]) + 1e-5)
+          * np.asarray(p["spectrum_bn"]["scale"]) + np.asarray(p["spectrum_bn"]["bias"]))
+    h = bn
+    for i in (1, 2, 3):
+        h = np.maximum(h @ np.asarray(p[f"fc{i}"]["kernel"]) + np.asarray(p[f"fc{i}"]["bias"]), 0)
+    up = h @ np.asarray(p["head_upsampling"]["kernel"]) + np.asarray(p["head_upsampling"]["bias"])
+    variables = {"params": p, "batch_stats": stats}
+    np.testing.assert_allclose(model.parser.apply(variables, jnp.asarray(fp))["logits"]["upsampling"], up,
+                               rtol=1e-4, atol=1e-4)
+    # A pattern in red minus green: invisible to the channel mean, read by 'rgb'.
+    pattern = np.zeros_like(fp)
+    pattern[..., 0], pattern[..., 1] = fp[..., 2], -fp[..., 2]
+    mean_model, mean_v, _ = _init(parser_spectrum="only")
+    mean_vars = {"params": mean_v["params"]["parser"], "batch_stats": mean_v["batch_stats"]["parser"]}
+    for m, var, moved in ((mean_model, mean_vars, False), (model, variables, True)):
+        a = m.parser.apply(var, jnp.asarray(fp))["logits"]["upsampling"]
+        b = m.parser.apply(var, jnp.asarray(fp + pattern))["logits"]["upsampling"]
+        assert (not np.allclose(a, b, atol=1e-4)) == moved
+    with pytest.raises(ValueError, match="parser_spectrum_channels"):
+        _init(parser_spectrum="only", parser_spectrum_channels="gray")
+
+
 def test_parser_spectrum_heads_is_a_linear_path_from_the_spectral_features_to_the_heads():
     model, v, _ = _init(parser_spectrum="only", parser_spectrum_heads=True)
     p = v["params"]["parser"]

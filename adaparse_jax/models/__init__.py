@@ -29,6 +29,7 @@ from adaparse_jax.models.parsing import (
     PARSER_INPUT_NORMS,
     PARSER_POOLS,
     PARSER_SPECTRA,
+    SPECTRUM_CHANNELS,
     FENParser,
     ParsingNetwork,
     head_features,
@@ -68,7 +69,9 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
         probe's features of each fingerprint, `parsing.ParsingNetwork`) beside or instead of its convs.
       parser_spectrum_heads: False (official) | True: the heads also read the spectral features
         directly (a linear path beside the FC layers; needs a spectral branch).
-      (The last six are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
+      parser_spectrum_channels: 'mean' (default) | 'rgb': the spectral branch reads the
+        fingerprint's channel mean or each of its channels.
+      (The last eight are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
       conv_impl: how the DnCNN's and the parser's convolutions are computed, the same function either way
         (`conv_ops.CONV_IMPLS`): 'auto' (default: on a CPU backend 'weight_dots' for batches of
         at least `conv_ops.MIN_DOT_BATCH` images, such as AdaParse's 25 folded streams per image,
@@ -107,6 +110,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.parser_init = "torch"
     cfg.parser_spectrum = "none"
     cfg.parser_spectrum_heads = False
+    cfg.parser_spectrum_channels = "mean"
     cfg.conv_impl = "auto"
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
@@ -145,7 +149,8 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     for field, choices in (("fen_input", FEN_INPUTS), ("fingerprint_skip", FINGERPRINT_SKIPS),
                            ("parser_input_norm", PARSER_INPUT_NORMS),
                            ("parser_pool", PARSER_POOLS), ("parser_init", PARSER_INITS),
-                           ("parser_spectrum", PARSER_SPECTRA)):
+                           ("parser_spectrum", PARSER_SPECTRA),
+                           ("parser_spectrum_channels", SPECTRUM_CHANNELS)):
         if cfg[field] not in choices:
             fail(field, f"one of {choices}")
     for field in ("dtype", "param_dtype"):
@@ -198,6 +203,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
                             input_norm=cfg.parser_input_norm, pool=cfg.parser_pool,
                             initializer=cfg.parser_init, spectrum=cfg.parser_spectrum,
                             spectrum_heads=cfg.parser_spectrum_heads,
+                            spectrum_channels=cfg.parser_spectrum_channels,
                             conv_impl=cfg.conv_impl, **kw)
     if cfg.arch == "renet":
         return RENet(fen=dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, **kw), parser=parser,

@@ -40,6 +40,7 @@ PARSER_INPUT_NORMS = ("none", "rms")
 PARSER_POOLS = ("flatten", "global")
 PARSER_INITS = ("torch", "he")
 PARSER_SPECTRA = ("none", "concat", "only")
+SPECTRUM_CHANNELS = ("mean", "rgb")
 # He-normal kernels and zero biases (`parser_init='he'`): keeps the activations' spread through
 # the parser's 8 layers, where torch's default U(+-1/sqrt(fan_in)) shrinks it by ~sqrt(3) a layer.
 HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -106,6 +107,9 @@ class ParsingNetwork(nn.Module):
         and its periodic position means: what the spectral probe reads from images) through a
         BatchNorm (`spectrum_bn`), concatenated with the pooled conv features before the FC layers
         ('concat') or in their place ('only': no conv stages are built).
+      spectrum_channels: 'mean' | 'rgb': the spectral branch reads the fingerprint's channel mean
+        (one set of features) or each of its three channels (three sets, concatenated: colour
+        traces that the mean cancels).
       spectrum_heads: the heads read the (normalised) spectral features too, beside the last FC
         layer's output: a linear path like the spectral probe's logistic regression, so that no
         head depends on the narrow FC layers alone (needs a spectral branch).
@@ -121,6 +125,7 @@ class ParsingNetwork(nn.Module):
     initializer: str = "torch"
     spectrum: str = "none"
     spectrum_heads: bool = False
+    spectrum_channels: str = "mean"
     conv_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -139,7 +144,12 @@ class ParsingNetwork(nn.Module):
                              "'concat' or 'only'; config field parser_spectrum)")
         branches = []
         if self.spectrum != "none":
-            spec = spectral.residual_features(x.astype(jnp.float32).mean(-1))
+            planes = x.astype(jnp.float32)
+            if self.spectrum_channels == "rgb":  # [bt, H, W, 3] -> [bt * 3, H, W] -> [bt, 3F]
+                spec = spectral.residual_features(jnp.moveaxis(planes, -1, 1).reshape(-1, *planes.shape[1:3]))
+                spec = spec.reshape(b * t, -1)
+            else:
+                spec = spectral.residual_features(planes.mean(-1))
             spec = BatchNorm(name="spectrum_bn", dtype=self.dtype, param_dtype=self.param_dtype)(spec, train)
             branches.append(spec.astype(self.dtype))
         if self.spectrum != "only":
