@@ -515,6 +515,25 @@ def test_spectral_features_see_a_periodic_pattern():
         probe.spectral_features(np.zeros((1, 30, 30, 3), np.uint8))
 
 
+def test_rgb_spectral_features_are_each_channels_and_see_what_gray_cancels():
+    rng = np.random.default_rng(0)
+    images = rng.integers(64, 192, (3, 32, 32, 3)).astype(np.uint8)
+    rgb = probe.spectral_features(images, "rgb")
+    n = probe.spectral_features(images).shape[1]
+    assert rgb.shape == (3, 3 * n)
+    for c in range(3):  # channel c alone, as a gray image: the same features
+        alone = np.repeat(images[..., c:c + 1], 3, axis=-1)
+        np.testing.assert_allclose(rgb[:, c * n:(c + 1) * n], probe.spectral_features(alone), rtol=1e-5, atol=1e-5)
+    shifted = images.astype(np.int16)
+    shifted[:, ::2, ::2, 0] += 20  # a periodic trace in red, cancelled by green: same gray image
+    shifted[:, ::2, ::2, 1] -= 20
+    shifted = shifted.astype(np.uint8)
+    np.testing.assert_allclose(probe.spectral_features(shifted), probe.spectral_features(images), atol=1e-4)
+    assert not np.allclose(probe.spectral_features(shifted, "rgb"), rgb, atol=1e-2)
+    with pytest.raises(ValueError, match="channels='grey'"):
+        probe.spectral_features(images, "grey")
+
+
 def test_cli_reuses_a_finished_zoo(tiny_zoo):
     import subprocess
     import sys
@@ -535,6 +554,11 @@ def test_cli_probe_prints_the_table_and_names_an_unknown_attribute(tiny_zoo, cap
     table = capsys.readouterr().out
     expected = probe.probe(root, ["upsampling"], n_resamples=99)["upsampling"]
     assert f"| Up-sampling type | {expected['f1']:.3f} | {expected['p']:.4f} |" in table
+    main(["probe", "--zoo", str(root), "--attributes", "loss_group2", "--channels", "rgb", "--n-resamples", "99"])
+    table = capsys.readouterr().out
+    expected = probe.probe(root, ["loss_group2"], n_resamples=99, channels="rgb")["loss_group2"]
+    assert expected["generators"] == 24
+    assert f"| {targets.BY_NAME['loss_group2'].title} | {expected['f1']:.3f} | {expected['p']:.4f} |" in table
     with pytest.raises(ValueError, match="unknown attributes \\['upsampeling'\\]"):
         main(["probe", "--zoo", str(root), "--attributes", "upsampeling"])
 

@@ -1,5 +1,5 @@
 """CLI: python -m adaparse_jax.zoo build --size tiny|demo|bench --out DIR [options]
-     python -m adaparse_jax.zoo probe --zoo DIR [--attributes a,b]   (adaparse_jax.zoo.probe)."""
+     python -m adaparse_jax.zoo probe --zoo DIR [--attributes a,b] [--channels rgb]   (adaparse_jax.zoo.probe)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def main(argv=None) -> None:
     pr = sub.add_parser("probe", help="held-out spectral probe of the discrete attributes of a zoo")
     pr.add_argument("--zoo", required=True, help="a built zoo directory")
     pr.add_argument("--attributes", default=None,
-                    help="comma-separated discrete attributes (default: all six)")
+                    help="comma-separated discrete attributes or loss groups (default: the six "
+                         "discrete attributes)")
+    pr.add_argument("--channels", default="gray", choices=("gray", "rgb"),
+                    help="features of the gray image (default) or of each colour channel")
     pr.add_argument("--n-resamples", type=int, default=None,
                     help="label permutations for p-values (default: stats.N_RESAMPLES)")
     args = parser.parse_args(argv)
@@ -39,7 +42,9 @@ def main(argv=None) -> None:
         from adaparse_jax.zoo import probe
 
         attributes = args.attributes.split(",") if args.attributes else None
-        options = {} if args.n_resamples is None else {"n_resamples": args.n_resamples}
+        options = {"channels": args.channels}
+        if args.n_resamples is not None:
+            options["n_resamples"] = args.n_resamples
         print(probe.markdown(probe.probe(args.zoo, attributes, **options)))
         return
     overrides = {k: getattr(args, k) for k in ("generators", "images", "steps", "folds")

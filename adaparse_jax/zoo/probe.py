@@ -2,6 +2,7 @@
 
   python -m adaparse_jax.zoo probe --zoo runs/zoo_demo            # every discrete attribute
   python -m adaparse_jax.zoo probe --zoo runs/bench/zoo --attributes upsampling,skip
+  python -m adaparse_jax.zoo probe --zoo ZOO --attributes loss_group1,loss_group2,loss_group3 --channels rgb
 
 A reference for the parsing networks, not a competitor: features a linear model can read
 (`spectral_features`: the log amplitude spectrum of the gray high-pass residual and its mean per
@@ -10,7 +11,9 @@ fitted on the images of each fold's training generators, and each held-out gener
 by its mean probability. The held-out decisions of all folds are pooled and scored like the
 parsing networks' (`adaparse_jax.stats.permutation_test`: generator-level macro F1 and its
 generator-permutation p-value), so an attribute this probe reads at p < 0.01 is one the zoo makes
-learnable from single images.
+learnable from single images. The coarse loss groups can be probed too (`--attributes
+loss_group1,...`), and `channels='rgb'` reads each colour channel's features instead of the gray
+image's (the parser's `parser_spectrum_channels`).
 """
 
 from __future__ import annotations
@@ -35,19 +38,27 @@ def load_images(root: str | os.PathLike, name: str) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
-def spectral_features(images: np.ndarray) -> np.ndarray:
+CHANNELS = ("gray", "rgb")
+
+
+def spectral_features(images: np.ndarray, channels: str = "gray") -> np.ndarray:
     """[N, S, S, 3] (S divisible by 4) -> [N, F] float32: `spectral.residual_features` of the
     channel-mean gray image (the log amplitude spectrum of its high-pass residual and the mean
-    absolute residual at each position modulo 2 and 4, where up-sampling leaves periodic traces).
+    absolute residual at each position modulo 2 and 4, where up-sampling leaves periodic traces);
+    channels='rgb': those of each colour channel, concatenated ([N, 3F]).
 
     uint8 images are read as pixels / 255; float arrays (e.g. fingerprints) as they are."""
     size = images.shape[1] if images.ndim > 1 else 0
     if images.ndim != 4 or images.shape[2] != size or images.shape[3] != 3 or size % 4:
         raise ValueError(f"expected [N, S, S, 3] images with S divisible by 4, got {images.shape}")
-    gray = images.astype(np.float32).mean(-1)
+    if channels not in CHANNELS:
+        raise ValueError(f"channels={channels!r}; expected one of {CHANNELS}")
+    pixels = images.astype(np.float32)
     if images.dtype == np.uint8:
-        gray /= 255.0
-    return spectral.residual_features(gray, xp=np)
+        pixels /= 255.0
+    if channels == "gray":
+        return spectral.residual_features(pixels.mean(-1), xp=np)
+    return np.concatenate([spectral.residual_features(pixels[..., c], xp=np) for c in range(3)], axis=1)
 
 
 def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
@@ -72,18 +83,20 @@ def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
 
 
 def probe(root: str | os.PathLike, attributes: Sequence[str] | None = None, *,
-          n_resamples: int = stats.N_RESAMPLES, seed: int = 0) -> dict[str, dict]:
-    """Per discrete attribute: held-out generator-level macro F1, its permutation p-value and the
-    null mean (the F1 these decisions get by chance), pooled over the zoo's folds."""
+          n_resamples: int = stats.N_RESAMPLES, seed: int = 0, channels: str = "gray") -> dict[str, dict]:
+    """Per attribute (default: the six discrete ones; the coarse loss groups on request):
+    held-out generator-level macro F1, its permutation p-value and the null mean (the F1 these
+    decisions get by chance), pooled over the zoo's folds. channels: `spectral_features`'."""
     from adaparse_jax.data import load_dataset
 
     ds = load_dataset(root)
-    known = [t.name for t in targets.DISCRETE_TARGETS]
-    attributes = list(attributes or known)
+    discrete = [t.name for t in targets.DISCRETE_TARGETS]
+    known = discrete + [t.name for t in targets.GROUPS]
+    attributes = list(attributes or discrete)
     unknown = sorted(set(attributes) - set(known))
     if unknown:
-        raise ValueError(f"unknown attributes {unknown}; the discrete attributes are {known}")
-    features = {n: spectral_features(load_images(root, n)) for n in ds.names}
+        raise ValueError(f"unknown attributes {unknown}; the attributes are {known}")
+    features = {n: spectral_features(load_images(root, n), channels) for n in ds.names}
     out = {}
     for name in attributes:
         target = targets.BY_NAME[name]
