@@ -6,8 +6,9 @@
   choice). They act on what the diagnosis found (`python -m adaparse_jax.diagnose`): the FEN reads
   the image's fixed high-pass residual and each fingerprint is that residual plus the FEN's
   output (the trace the image carries survives the constraints), the parser reads the log
-  amplitude spectrum of each fingerprint's high-pass residual (its spectral branch, beside the
-  conv stages: the features the spectral probe reads; the heads also read them directly) through
+  amplitude spectrum of each fingerprint channel's high-pass residual (its spectral branch, beside
+  the conv stages: the features the spectral probe reads, per colour channel, where the loss
+  groups leave traces the channel mean cancels; the heads also read them directly) through
   He-initialised layers, at the fingerprint's own scale (no RMS normalisation: its level is what
   reads the loss groups), the cross-entropy reads logits, the low-frequency window
   keeps the official 25/64 ratio at any size, and the constraints weigh 1/100 of the official
@@ -34,6 +35,7 @@ RECIPES: Mapping[str, Mapping[str, object]] = {
         "model.fingerprint_skip": "highpass",
         "model.parser_spectrum": "concat",
         "model.parser_spectrum_heads": True,
+        "model.parser_spectrum_channels": "rgb",
         "model.parser_pool": "global",
         "model.parser_init": "he",
         "loss.ce_input": "logits",
