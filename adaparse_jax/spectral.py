@@ -156,3 +156,19 @@ def residual_features(gray, xp=jnp):
     periodic = [xp.abs(residual.reshape(n, size // p, p, size // p, p).mean((1, 3))).reshape(n, -1)
                 for p in (2, 4)]
     return xp.concatenate([spectrum, *periodic], axis=1).astype(xp.float32)
+
+
+CHANNELS = ("mean", "rgb")
+
+
+def channel_features(pixels, channels: str = "mean", xp=jnp):
+    """[N, S, S, 3] -> `residual_features` of the channel mean ([N, F]: 'mean') or of each colour
+    channel, concatenated in R, G, B order ([N, 3F]: 'rgb', which sees traces the mean cancels).
+    The spectral probe's features (xp=numpy) and the parser's spectral branch (jax.numpy)."""
+    if channels not in CHANNELS:
+        raise ValueError(f"channels={channels!r}; expected one of {CHANNELS}")
+    if channels == "mean":
+        return residual_features(pixels.mean(-1), xp=xp)
+    n, size = pixels.shape[0], pixels.shape[1]
+    planes = xp.moveaxis(pixels, -1, 1).reshape(n * 3, size, size)  # [N, 3, S, S] -> [3N, S, S]
+    return residual_features(planes, xp=xp).reshape(n, -1)

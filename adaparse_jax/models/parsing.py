@@ -40,7 +40,7 @@ PARSER_INPUT_NORMS = ("none", "rms")
 PARSER_POOLS = ("flatten", "global")
 PARSER_INITS = ("torch", "he")
 PARSER_SPECTRA = ("none", "concat", "only")
-SPECTRUM_CHANNELS = ("mean", "rgb")
+SPECTRUM_CHANNELS = spectral.CHANNELS
 # He-normal kernels and zero biases (`parser_init='he'`): keeps the activations' spread through
 # the parser's 8 layers, where torch's default U(+-1/sqrt(fan_in)) shrinks it by ~sqrt(3) a layer.
 HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -144,12 +144,7 @@ class ParsingNetwork(nn.Module):
                              "'concat' or 'only'; config field parser_spectrum)")
         branches = []
         if self.spectrum != "none":
-            planes = x.astype(jnp.float32)
-            if self.spectrum_channels == "rgb":  # [bt, H, W, 3] -> [bt * 3, H, W] -> [bt, 3F]
-                spec = spectral.residual_features(jnp.moveaxis(planes, -1, 1).reshape(-1, *planes.shape[1:3]))
-                spec = spec.reshape(b * t, -1)
-            else:
-                spec = spectral.residual_features(planes.mean(-1))
+            spec = spectral.channel_features(x.astype(jnp.float32), self.spectrum_channels)
             spec = BatchNorm(name="spectrum_bn", dtype=self.dtype, param_dtype=self.param_dtype)(spec, train)
             branches.append(spec.astype(self.dtype))
         if self.spectrum != "only":

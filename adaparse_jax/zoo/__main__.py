@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from adaparse_jax import spectral
 from adaparse_jax.zoo.build import build_zoo
 from adaparse_jax.zoo.settings import SIZES, zoo_config
 
@@ -32,8 +33,8 @@ def main(argv=None) -> None:
     pr.add_argument("--attributes", default=None,
                     help="comma-separated discrete attributes or loss groups (default: the six "
                          "discrete attributes)")
-    pr.add_argument("--channels", default="gray", choices=("gray", "rgb"),
-                    help="features of the gray image (default) or of each colour channel")
+    pr.add_argument("--channels", default="mean", choices=spectral.CHANNELS,
+                    help="features of the channel-mean (gray) image (default) or of each colour channel")
     pr.add_argument("--n-resamples", type=int, default=None,
                     help="label permutations for p-values (default: stats.N_RESAMPLES)")
     args = parser.parse_args(argv)

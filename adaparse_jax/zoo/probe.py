@@ -13,7 +13,7 @@ parsing networks' (`adaparse_jax.stats.permutation_test`: generator-level macro 
 generator-permutation p-value), so an attribute this probe reads at p < 0.01 is one the zoo makes
 learnable from single images. The coarse loss groups can be probed too (`--attributes
 loss_group1,...`), and `channels='rgb'` reads each colour channel's features instead of the gray
-image's (the parser's `parser_spectrum_channels`).
+(channel-mean) image's, as the parser's `parser_spectrum_channels` does.
 """
 
 from __future__ import annotations
@@ -38,27 +38,23 @@ def load_images(root: str | os.PathLike, name: str) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
-CHANNELS = ("gray", "rgb")
+CHANNELS = spectral.CHANNELS
 
 
-def spectral_features(images: np.ndarray, channels: str = "gray") -> np.ndarray:
+def spectral_features(images: np.ndarray, channels: str = "mean") -> np.ndarray:
     """[N, S, S, 3] (S divisible by 4) -> [N, F] float32: `spectral.residual_features` of the
     channel-mean gray image (the log amplitude spectrum of its high-pass residual and the mean
     absolute residual at each position modulo 2 and 4, where up-sampling leaves periodic traces);
-    channels='rgb': those of each colour channel, concatenated ([N, 3F]).
+    channels='rgb': those of each colour channel, concatenated ([N, 3F]); `spectral.channel_features`.
 
     uint8 images are read as pixels / 255; float arrays (e.g. fingerprints) as they are."""
     size = images.shape[1] if images.ndim > 1 else 0
     if images.ndim != 4 or images.shape[2] != size or images.shape[3] != 3 or size % 4:
         raise ValueError(f"expected [N, S, S, 3] images with S divisible by 4, got {images.shape}")
-    if channels not in CHANNELS:
-        raise ValueError(f"channels={channels!r}; expected one of {CHANNELS}")
     pixels = images.astype(np.float32)
     if images.dtype == np.uint8:
         pixels /= 255.0
-    if channels == "gray":
-        return spectral.residual_features(pixels.mean(-1), xp=np)
-    return np.concatenate([spectral.residual_features(pixels[..., c], xp=np) for c in range(3)], axis=1)
+    return spectral.channel_features(pixels, channels, xp=np)
 
 
 def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
@@ -83,7 +79,7 @@ def held_out_decisions(features: dict[str, np.ndarray], labels: dict[str, int],
 
 
 def probe(root: str | os.PathLike, attributes: Sequence[str] | None = None, *,
-          n_resamples: int = stats.N_RESAMPLES, seed: int = 0, channels: str = "gray") -> dict[str, dict]:
+          n_resamples: int = stats.N_RESAMPLES, seed: int = 0, channels: str = "mean") -> dict[str, dict]:
     """Per attribute (default: the six discrete ones; the coarse loss groups on request):
     held-out generator-level macro F1, its permutation p-value and the null mean (the F1 these
     decisions get by chance), pooled over the zoo's folds. channels: `spectral_features`'."""
