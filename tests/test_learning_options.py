@@ -21,6 +21,7 @@ def test_official_defaults_are_unchanged():
     m = models.model_config("adaparse")
     assert (m.fen_input, m.parser_input_norm, m.parser_pool, m.parser_init, m.parser_spectrum) == (
         "image", "none", "flatten", "torch", "none")
+    assert m.fen_final_init == "kaiming"
     lc = losses.default_loss_config()
     assert (lc.lowfreq_window, lc.constraint_scale, lc.constraint_ramp_steps) == ("clamped", 1.0, 0)
     opt = train_lib.default_config().optimizer
@@ -105,6 +106,41 @@ def test_parser_he_init_zero_biases_and_he_variance():
     assert abs(k.std() / np.sqrt(2 / (9 * 64)) - 1) < 0.05
     _, v0, _ = _init(parser_conv_features=(64, 64, 8, 8, 8))
     assert np.all(v0["params"]["parser"]["conv1"]["bias"] != 0)  # torch's default: U(+-1/sqrt(fan_in))
+
+
+@pytest.mark.parametrize("arch", ["renet", "adaparse"])
+def test_zero_final_init_starts_every_fingerprint_at_the_residual(arch):
+    cfg = models.model_config(arch, "tiny")
+    cfg.update(fingerprint_skip="highpass", fen_final_init="zero")
+    model = models.build_model(cfg)
+    x = jnp.asarray(RNG.normal(size=(2, 32, 32, 3)), jnp.float32)
+    residual = np.asarray(parsing.highpass(x))
+    for seed in (0, 1):  # whatever the seed: the FEN's output is exactly 0
+        v = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(1)}, x)
+        fp = np.asarray(model.apply(v, x)["fingerprints"])
+        np.testing.assert_array_equal(fp, np.broadcast_to(residual[:, None], fp.shape))
+    final = "final" if arch == "renet" else "adaptive"  # RE-Net: fen/final; AdaParse: fen/adaptive/final
+
+    def loss(params):  # the final convolution still learns from the first step
+        out = model.apply({**v, "params": params}, x, train=True, rngs={"dropout": jax.random.key(2)},
+                          mutable=["batch_stats"])[0]
+        return jnp.sum(out["fingerprints"] ** 2) + sum(jnp.sum(p) for p in out["probs"].values())
+
+    grads = jax.grad(loss)(v["params"])
+    kernel_grad = grads["fen"]["final"]["kernel"] if arch == "renet" else grads["fen"][final]["final"]["kernel"]
+    assert np.abs(np.asarray(kernel_grad)).max() > 0
+    cfg.fen_final_init = "kaiming"  # the official initialisation: the FEN adds its own output
+    official = models.build_model(cfg)
+    v = official.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    fp = np.asarray(official.apply(v, x)["fingerprints"])
+    assert np.abs(fp - residual[:, None]).mean() > 0.1 * np.abs(residual).mean()
+
+
+def test_unknown_fen_final_init_is_refused_naming_the_field():
+    cfg = models.model_config("renet", "tiny")
+    cfg.fen_final_init = "zeros"
+    with pytest.raises(ValueError, match="fen_final_init='zeros'"):
+        models.build_model(cfg)
 
 
 def test_global_pool_changes_fc1_input_and_fen_input_reaches_the_fen():

@@ -20,7 +20,7 @@ import ml_collections
 from adaparse_jax import targets
 from adaparse_jax.models import conv_ops
 from adaparse_jax.models.adaparse import AdaParse, PersonalizedFEN
-from adaparse_jax.models.dncnn import BatchNorm, ConvBNReLU, DnCNN, dncnn_fen
+from adaparse_jax.models.dncnn import FINAL_INITS, BatchNorm, ConvBNReLU, DnCNN, dncnn_fen
 from adaparse_jax.models.hypernet import FUSIONS, BroadcastedFusion, DualEncoder, InstanceAwareEncoder
 from adaparse_jax.models.parsing import (
     FEN_INPUTS,
@@ -62,6 +62,9 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
       dropout: dropout rate before the parser's fc1.
       fen_input: 'image' (official) | 'highpass' (the FEN reads a fixed high-pass residual).
       fingerprint_skip: 'none' (official) | 'highpass' (fingerprints = FEN output + that residual).
+      fen_final_init: 'kaiming' (official) | 'zero': the FEN's final convolution starts at 0, so
+        with fingerprint_skip='highpass' every fingerprint starts as the image's residual
+        whatever the seed and the FEN learns a correction to it.
       parser_input_norm: 'none' (official) | 'rms' (each fingerprint scaled to unit RMS).
       parser_pool: 'flatten' (official) | 'global' (spatial mean, std and max per channel).
       parser_init: 'torch' (official) | 'he' (He-normal kernels, zero biases).
@@ -71,7 +74,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
         directly (a linear path beside the FC layers; needs a spectral branch).
       parser_spectrum_channels: 'mean' (default) | 'rgb': the spectral branch reads the
         fingerprint's channel mean or each of its channels.
-      (The last eight are the learning options of docs/EXPERIMENTS.md; `models.parsing` has them.)
+      (The last nine are the learning options of docs/EXPERIMENTS.md; `models.parsing` and `models.dncnn` have them.)
       conv_impl: how the DnCNN's and the parser's convolutions are computed, the same function either way
         (`conv_ops.CONV_IMPLS`): 'auto' (default: on a CPU backend 'weight_dots' for batches of
         at least `conv_ops.MIN_DOT_BATCH` images, such as AdaParse's 25 folded streams per image,
@@ -105,6 +108,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.dropout = 0.5
     cfg.fen_input = "image"
     cfg.fingerprint_skip = "none"
+    cfg.fen_final_init = "kaiming"
     cfg.parser_input_norm = "none"
     cfg.parser_pool = "flatten"
     cfg.parser_init = "torch"
@@ -147,6 +151,7 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.fusion not in FUSIONS:
         fail("fusion", f"one of {FUSIONS}")
     for field, choices in (("fen_input", FEN_INPUTS), ("fingerprint_skip", FINGERPRINT_SKIPS),
+                           ("fen_final_init", FINAL_INITS),
                            ("parser_input_norm", PARSER_INPUT_NORMS),
                            ("parser_pool", PARSER_POOLS), ("parser_init", PARSER_INITS),
                            ("parser_spectrum", PARSER_SPECTRA),
@@ -206,7 +211,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
                             spectrum_channels=cfg.parser_spectrum_channels,
                             conv_impl=cfg.conv_impl, **kw)
     if cfg.arch == "renet":
-        return RENet(fen=dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, **kw), parser=parser,
+        fen = dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, final_init=cfg.fen_final_init, **kw)
+        return RENet(fen=fen, parser=parser,
                      image_size=cfg.image_size, fen_input=cfg.fen_input,
                      fingerprint_skip=cfg.fingerprint_skip)
     hypernet = DualEncoder(
@@ -217,7 +223,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
         use_hp_code=cfg.use_hp_code, fusion=cfg.fusion, **kw)
     fen = PersonalizedFEN(hypernet=hypernet, width=cfg.width, depth=cfg.depth,
                           source_block=cfg.source_block, inject_block=cfg.inject_block,
-                          conv_impl=cfg.conv_impl, **kw)
+                          conv_impl=cfg.conv_impl, final_init=cfg.fen_final_init, **kw)
     return AdaParse(fen=fen, parser=parser, image_size=cfg.image_size, fen_input=cfg.fen_input,
                     fingerprint_skip=cfg.fingerprint_skip)
 

@@ -38,6 +38,7 @@ class PersonalizedFEN(nn.Module):
       inject_block: the block after which W mixes the channels; the later blocks and the final
         convolution run on the T folded streams.
       conv_impl: how the DnCNN's convolutions are computed (`conv_ops.CONV_IMPLS`).
+      final_init: the final convolution's initialisation (`DnCNN.final_init`).
     """
 
     hypernet: DualEncoder
@@ -48,6 +49,7 @@ class PersonalizedFEN(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_impl: str = "xla"
+    final_init: str = "kaiming"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -62,7 +64,7 @@ class PersonalizedFEN(nn.Module):
         x = jnp.einsum("bhwc,btoc->bthwo", x, mixing.astype(self.dtype))
         b, t, h, w, c = x.shape
         x = DnCNN(num_blocks=self.depth - 2 - self.inject_block, first_block=self.inject_block + 1,
-                  out_channels=3, name="adaptive", **kw)(x.reshape(b * t, h, w, c), train)
+                  out_channels=3, final_init=self.final_init, name="adaptive", **kw)(x.reshape(b * t, h, w, c), train)
         return x.reshape(b, t, h, w, 3)
 
 

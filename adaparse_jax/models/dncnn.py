@@ -24,6 +24,8 @@ Dtype = Any
 # kaiming_normal_; every other weight and every bias keeps torch's default, U(+-1/sqrt(fan_in)).
 KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# Initialisations of a FEN's final convolution (`DnCNN.final_init`, config field fen_final_init).
+FINAL_INITS = ("kaiming", "zero")
 
 
 def torch_bias_init(fan_in: int):
@@ -126,6 +128,8 @@ class DnCNN(nn.Module):
       stem: start with the DnCNN's first convolution (3x3 + ReLU, no BatchNorm), named `stem`.
       out_channels: end with the final 3x3 convolution to this many channels (no BN, no ReLU),
         named `final`; None for a run that does not end the network.
+      final_init: 'kaiming' (official: kaiming_normal_ kernel, torch's default bias) | 'zero'
+        (kernel and bias 0: the network's output is 0 at initialisation whatever the seed).
       conv_impl: how the convolutions are computed (`conv_ops.CONV_IMPLS`).
     """
 
@@ -134,6 +138,7 @@ class DnCNN(nn.Module):
     first_block: int = 1
     stem: bool = False
     out_channels: int | None = None
+    final_init: str = "kaiming"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_impl: str = "xla"
@@ -149,13 +154,18 @@ class DnCNN(nn.Module):
             x = ConvBNReLU(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                            conv_impl=self.conv_impl, name=f"block{i}")(x, train)
         if self.out_channels is not None:
+            if self.final_init not in FINAL_INITS:
+                raise ValueError(f"DnCNN(final_init={self.final_init!r}); expected one of {FINAL_INITS}")
+            if self.final_init == "zero":
+                kw.update(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
             x = conv3x3(self.out_channels, x.shape[-1], name="final", **kw)(x)
         return x
 
 
 def dncnn_fen(width: int = 64, depth: int = 17, dtype: Dtype = jnp.float32,
               param_dtype: Dtype = jnp.float32, name: str | None = None,
-              conv_impl: str = "xla") -> DnCNN:
+              conv_impl: str = "xla", final_init: str = "kaiming") -> DnCNN:
     """RE-Net's FEN: the whole DnCNN of `depth` convolutions, images -> one fingerprint [B, H, W, 3]."""
     return DnCNN(width=width, num_blocks=depth - 2, first_block=1, stem=True, out_channels=3,
-                 dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl, name=name)
+                 final_init=final_init, dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl,
+                 name=name)
