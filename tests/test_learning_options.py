@@ -245,6 +245,44 @@ def test_parser_spectrum_channels_rgb_reads_each_channel():
         _init(parser_spectrum="only", parser_spectrum_channels="gray")
 
 
+@pytest.mark.parametrize("arch", ["renet", "adaparse"])
+def test_parser_spectrum_input_image_reads_the_probes_features_of_the_image(arch):
+    """'image': the spectral branch's features are the spectral probe's features of the image
+    itself (NumPy, `zoo.probe.spectral_features`), the same for every fingerprint stream, and no FEN
+    parameter moves them; 'fingerprint' (the default) reads each fingerprint."""
+    from adaparse_jax.zoo import probe
+
+    def build(spectrum_input):
+        cfg = models.model_config(arch, "tiny")
+        cfg.update(parser_spectrum="only", parser_spectrum_heads=True, parser_spectrum_channels="rgb",
+                   fingerprint_skip="highpass", parser_spectrum_input=spectrum_input)
+        model = models.build_model(cfg)
+        return model, model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+
+    x = jnp.asarray(RNG.normal(size=(2, 32, 32, 3)), jnp.float32)
+    model, v = build("image")
+    _, state = model.apply(v, x, mutable=[parsing.INTERMEDIATES])
+    (features,) = state[parsing.INTERMEDIATES]["parser"][parsing.FEATURES]
+    n = 3 * spectral.num_residual_features(32)
+    want = probe.spectral_features(np.asarray(x), "rgb") / np.sqrt(1 + 1e-5)  # BatchNorm at init, eval mode
+    streams = features.shape[1]
+    assert streams == (1 if arch == "renet" else targets.NUM_HEADS)
+    np.testing.assert_allclose(features[:, :, -n:], np.repeat(want[:, None], streams, 1), rtol=1e-4, atol=1e-4)
+    # The FEN's parameters change the fingerprints but not what a spectral-only parser reads.
+    scaled = {**v, "params": {**v["params"], "fen": jax.tree.map(lambda a: 3 * a + 0.1, v["params"]["fen"])}}
+    out, moved = model.apply(v, x), model.apply(scaled, x)
+    assert not np.allclose(out["fingerprints"], moved["fingerprints"], atol=1e-3)
+    np.testing.assert_allclose(out["logits"]["upsampling"], moved["logits"]["upsampling"], rtol=1e-5, atol=1e-6)
+    model, v = build("fingerprint")
+    scaled = {**v, "params": {**v["params"], "fen": jax.tree.map(lambda a: 3 * a + 0.1, v["params"]["fen"])}}
+    assert not np.allclose(model.apply(v, x)["logits"]["upsampling"], model.apply(scaled, x)["logits"]["upsampling"],
+                           atol=1e-4)
+    cfg = models.model_config(arch, "tiny")
+    cfg.parser_spectrum_input = "image"  # without a spectral branch: named
+    with pytest.raises(ValueError, match="parser_spectrum_input='image'"):
+        models.build_model(cfg)
+
+
 def test_parser_spectrum_heads_is_a_linear_path_from_the_spectral_features_to_the_heads():
     model, v, _ = _init(parser_spectrum="only", parser_spectrum_heads=True)
     p = v["params"]["parser"]

@@ -30,6 +30,7 @@ from adaparse_jax.models.parsing import (
     PARSER_POOLS,
     PARSER_SPECTRA,
     SPECTRUM_CHANNELS,
+    SPECTRUM_INPUTS,
     FENParser,
     ParsingNetwork,
     head_features,
@@ -74,7 +75,9 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
         directly (a linear path beside the FC layers; needs a spectral branch).
       parser_spectrum_channels: 'mean' (default) | 'rgb': the spectral branch reads the
         fingerprint's channel mean or each of its channels.
-      (The last nine are the learning options of docs/EXPERIMENTS.md; `models.parsing` and `models.dncnn` have them.)
+      parser_spectrum_input: 'fingerprint' (default) | 'image': the spectral branch reads each
+        fingerprint or the image itself (the spectral probe's input and features).
+      (The last ten are the learning options of docs/EXPERIMENTS.md; `models.parsing` and `models.dncnn` have them.)
       conv_impl: how the DnCNN's and the parser's convolutions are computed, the same function either way
         (`conv_ops.CONV_IMPLS`): 'auto' (default: on a CPU backend 'weight_dots' for batches of
         at least `conv_ops.MIN_DOT_BATCH` images, such as AdaParse's 25 folded streams per image,
@@ -115,6 +118,7 @@ def model_config(arch: str = "adaparse", size: str = "full") -> ml_collections.C
     cfg.parser_spectrum = "none"
     cfg.parser_spectrum_heads = False
     cfg.parser_spectrum_channels = "mean"
+    cfg.parser_spectrum_input = "fingerprint"
     cfg.conv_impl = "auto"
     cfg.dtype = "float32"
     cfg.param_dtype = "float32"
@@ -155,7 +159,8 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
                            ("parser_input_norm", PARSER_INPUT_NORMS),
                            ("parser_pool", PARSER_POOLS), ("parser_init", PARSER_INITS),
                            ("parser_spectrum", PARSER_SPECTRA),
-                           ("parser_spectrum_channels", SPECTRUM_CHANNELS)):
+                           ("parser_spectrum_channels", SPECTRUM_CHANNELS),
+                           ("parser_spectrum_input", SPECTRUM_INPUTS)):
         if cfg[field] not in choices:
             fail(field, f"one of {choices}")
     for field in ("dtype", "param_dtype"):
@@ -169,6 +174,9 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.parser_spectrum_heads and cfg.parser_spectrum == "none":
         fail("parser_spectrum_heads", "False with parser_spectrum='none' (the heads' linear path reads "
              "the spectral branch)")
+    if cfg.parser_spectrum_input != "fingerprint" and cfg.parser_spectrum == "none":
+        fail("parser_spectrum_input", "'fingerprint' with parser_spectrum='none' (no spectral branch "
+             "to read the image)")
     if cfg.parser_spectrum != "none" and cfg.image_size % 4:
         fail("parser_spectrum", "'none' for an image_size not divisible by 4 (the spectral branch "
                                 "reads positions modulo 4)")
@@ -214,7 +222,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
         fen = dncnn_fen(cfg.width, cfg.depth, conv_impl=cfg.conv_impl, final_init=cfg.fen_final_init, **kw)
         return RENet(fen=fen, parser=parser,
                      image_size=cfg.image_size, fen_input=cfg.fen_input,
-                     fingerprint_skip=cfg.fingerprint_skip)
+                     fingerprint_skip=cfg.fingerprint_skip, spectrum_input=cfg.parser_spectrum_input)
     hypernet = DualEncoder(
         num_targets=targets.NUM_HEADS, width=cfg.width,
         stage_features=tuple(cfg.extractor_features), fc_features=tuple(cfg.fc_features),
@@ -225,7 +233,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> FENParser:
                           source_block=cfg.source_block, inject_block=cfg.inject_block,
                           conv_impl=cfg.conv_impl, final_init=cfg.fen_final_init, **kw)
     return AdaParse(fen=fen, parser=parser, image_size=cfg.image_size, fen_input=cfg.fen_input,
-                    fingerprint_skip=cfg.fingerprint_skip)
+                    fingerprint_skip=cfg.fingerprint_skip, spectrum_input=cfg.parser_spectrum_input)
 
 
 def variable_shapes(cfg: ml_collections.ConfigDict, batch_size: int = 1) -> dict:

@@ -41,6 +41,7 @@ PARSER_POOLS = ("flatten", "global")
 PARSER_INITS = ("torch", "he")
 PARSER_SPECTRA = ("none", "concat", "only")
 SPECTRUM_CHANNELS = spectral.CHANNELS
+SPECTRUM_INPUTS = ("fingerprint", "image")
 # He-normal kernels and zero biases (`parser_init='he'`): keeps the activations' spread through
 # the parser's 8 layers, where torch's default U(+-1/sqrt(fan_in)) shrinks it by ~sqrt(3) a layer.
 HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -110,6 +111,8 @@ class ParsingNetwork(nn.Module):
       spectrum_channels: 'mean' | 'rgb': the spectral branch reads the fingerprint's channel mean
         (one set of features) or each of its three channels (three sets, concatenated: colour
         traces that the mean cancels).
+      (The spectral branch reads the fingerprints, or what the caller passes as `spectrum_source`:
+      `FENParser(spectrum_input='image')` passes the image.)
       spectrum_heads: the heads read the (normalised) spectral features too, beside the last FC
         layer's output: a linear path like the spectral probe's logistic regression, so that no
         head depends on the narrow FC layers alone (needs a spectral branch).
@@ -131,7 +134,10 @@ class ParsingNetwork(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, fingerprints: jax.Array, train: bool = False) -> dict:
+    def __call__(self, fingerprints: jax.Array, train: bool = False,
+                 spectrum_source: jax.Array | None = None) -> dict:
+        """fingerprints [B, T, S, S, 3] -> outputs; spectrum_source [B, S, S, 3] (optional): what
+        the spectral branch reads instead of each fingerprint (the same features for all T)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.initializer == "he":
             kw.update(kernel_init=HE_NORMAL, bias_init=nn.initializers.zeros)
@@ -144,7 +150,11 @@ class ParsingNetwork(nn.Module):
                              "'concat' or 'only'; config field parser_spectrum)")
         branches = []
         if self.spectrum != "none":
-            spec = spectral.channel_features(x.astype(jnp.float32), self.spectrum_channels)
+            if spectrum_source is None:
+                spec = spectral.channel_features(x.astype(jnp.float32), self.spectrum_channels)
+            else:  # one set of features per image, shared by its T streams
+                spec = spectral.channel_features(spectrum_source.astype(jnp.float32), self.spectrum_channels)
+                spec = jnp.repeat(spec, t, axis=0)
             spec = BatchNorm(name="spectrum_bn", dtype=self.dtype, param_dtype=self.param_dtype)(spec, train)
             branches.append(spec.astype(self.dtype))
         if self.spectrum != "only":
@@ -197,6 +207,10 @@ class FENParser(nn.Module):
       fingerprint_skip: 'none' (official) | 'highpass': every fingerprint is the FEN's output plus
         `highpass(images)`, so the parser sees the image's residual from the first step and the
         FEN learns a correction to it (the way DnCNN itself learns a residual).
+      spectrum_input: 'fingerprint' (default) | 'image': the parser's spectral branch reads each
+        fingerprint, or the (normalised) image itself: the spectral probe's features, which no
+        trained or randomly initialised layer changes, so they do not vary with the training
+        seed; the conv stages still read the fingerprints.
     """
 
     fen: nn.Module
@@ -204,16 +218,20 @@ class FENParser(nn.Module):
     image_size: int = 64
     fen_input: str = "image"
     fingerprint_skip: str = "none"
+    spectrum_input: str = "fingerprint"
 
     def __call__(self, images: jax.Array, train: bool = False) -> dict:
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images have shape {tuple(images.shape)}; the model expects "
                              f"[B, {self.image_size}, {self.image_size}, 3] (config field image_size)")
+        if self.spectrum_input not in SPECTRUM_INPUTS:
+            raise ValueError(f"spectrum_input={self.spectrum_input!r}; expected one of {SPECTRUM_INPUTS}")
         residual = highpass(images) if "highpass" in (self.fen_input, self.fingerprint_skip) else None
         fingerprints = self.fen(residual if self.fen_input == "highpass" else images, train=train)
         if fingerprints.ndim == 4:  # one fingerprint per image (RE-Net)
             fingerprints = fingerprints[:, None]
         if self.fingerprint_skip == "highpass":
             fingerprints = fingerprints + residual[:, None].astype(fingerprints.dtype)
-        return {"fingerprints": fingerprints, **self.parser(fingerprints, train=train)}
+        source = images if self.spectrum_input == "image" else None
+        return {"fingerprints": fingerprints, **self.parser(fingerprints, train=train, spectrum_source=source)}

@@ -42,7 +42,7 @@ RESUMABLE_FIELDS = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_ev
 # Fields added after runs were saved without them, with the value that reproduces those runs.
 ADDED_FIELDS = {"optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
                 "model.parser_spectrum_heads": False, "model.parser_spectrum_channels": "mean",
-                "model.fen_final_init": "kaiming"}
+                "model.fen_final_init": "kaiming", "model.parser_spectrum_input": "fingerprint"}
 
 
 class ConfigError(ValueError):
