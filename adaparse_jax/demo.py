@@ -12,6 +12,7 @@ per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out s
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import dataclasses
 import json
@@ -120,14 +121,45 @@ def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
     return runs
 
 
+def recipe_overrides(config: ml_collections.ConfigDict) -> dict[tuple[str, str], object]:
+    """`config.recipe_overrides` ("GROUP.FIELD=VALUE ..."; VALUE a Python literal, else a string)
+    as {(group, field): value}, each a field of config.train whose value has that field's type
+    (an int where a float is expected is taken). Raises ValueError naming the bad entry."""
+    out = {}
+    for entry in str(config.recipe_overrides).split():
+        path, sep, text = entry.partition("=")
+        group, _, field = path.partition(".")
+        known = sep and group in config.train and isinstance(config.train[group], ml_collections.ConfigDict)
+        if not known or field not in config.train[group]:
+            raise ValueError(f"config.recipe_overrides entry {entry!r}: expected GROUP.FIELD=VALUE with "
+                             f"GROUP.FIELD a field of config.train (e.g. model.parser_pool=flatten)")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        current = config.train[group][field]
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(current):
+            raise ValueError(f"config.recipe_overrides entry {entry!r}: {path} is a "
+                             f"{type(current).__name__}, got {value!r}")
+        out[(group, field)] = value
+    return out
+
+
 def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
     """The `adaparse_jax.train` config of one run: config.train with the run's architecture, recipe (and
-    its learning rate and epochs from `config.recipe_train`), fold, labels and the demo's shared zoo,
-    cache and compilation cache."""
+    its learning rate and epochs from `config.recipe_train`, then `config.recipe_overrides` on a
+    recipe other than 'official'), fold, labels and the demo's shared zoo, cache and compilation
+    cache."""
     workdir = Path(config.workdir).resolve()
     t = ml_collections.ConfigDict(config.train.to_dict())
     t.model.arch = run.arch  # the demo width is the same for both architectures
+    overrides = recipe_overrides(config)
     training.apply_recipe(t, run.recipe)
+    if run.recipe != "official":
+        for (group, field), value in overrides.items():
+            t[group][field] = value
     per_recipe = config.recipe_train.to_dict()
     unknown = sorted(set(per_recipe) - set(training.RECIPES))
     if unknown:
