@@ -284,14 +284,15 @@ def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> 
     if config.plots:
         files["scores_plot"] = str(reporting.plot_scores(report, out / "scores.png"))
     labels = {m["label"] for m in report["methods"]}
-    goals = {m["label"]: scoring.goal(report, m["label"]) for m in report["methods"]
-             if not m["random_gt"] and f"{scoring.RANDOM_GT_PREFIX} ({m['label']})" in labels}
-    result = {"report": report, "goals": goals, "files": files, "probe": None, "probe_goals": {}}
+    result = {"report": report, "goals": {}, "files": files, "probe": None, "probe_goals": {}}
     if config.probe:
         result["probe"] = zoo_probe.probe(zoo_dir(config), n_resamples=config.n_resamples)
         atomic.write_text(out / "probe.json", json.dumps(result["probe"], indent=1))
         files["probe"] = str(out / "probe.json")
         result["probe_goals"] = probe_goals(report, result["probe"])
+    result["goals"] = {m["label"]: scoring.goal(report, m["label"], probe=result["probe"], **scoring.DEMO_GOAL_B)
+                       for m in report["methods"]
+                       if not m["random_gt"] and f"{scoring.RANDOM_GT_PREFIX} ({m['label']})" in labels}
     return result
 
 

@@ -238,16 +238,22 @@ def goal_markdown(g: Mapping) -> str:
            f"(margin {g['margin']:+.3f}, needed {c['margin']:+.2f}): "
            f"{'met' if g['beats_random_gt'] else 'not met'}" if g["random_gt"] else
            "no Random G.T. runs to compare with")
-    return "\n".join([
+    lines = [
         f"**{g['method']}, generator level.** Mean discrete-architecture macro F1 {rgt}.",
         f"Attributes with p < {c['alpha']}: {len(g['significant'])} of 6 "
         f"({', '.join(g['significant']) or 'none'}; needed {c['min_significant']}): "
-        f"{'met' if g['enough_significant'] else 'not met'}.",
-        f"Mean L1 over the 9 counts {g['counts_l1']:.3f} vs {g['mean_predictor_counts_l1']:.3f} for the "
-        f"mean predictor ({len(g['counts_better'])} of 9 counts better): "
-        f"{'met' if g['beats_mean_predictor'] else 'not met'}.",
-        f"Goal {'met' if g['met'] else 'not met'}.",
-    ])
+        f"{'met' if g['enough_significant'] else 'not met'}."]
+    if c.get("with_counts", True):
+        lines.append(f"Mean L1 over the 9 counts {g['counts_l1']:.3f} vs {g['mean_predictor_counts_l1']:.3f} "
+                     f"for the mean predictor ({len(g['counts_better'])} of 9 counts better): "
+                     f"{'met' if g['beats_mean_predictor'] else 'not met'}.")
+    if "probe_read" in g:
+        needed = min(c["min_probe_reached"], len(g["probe_read"]))
+        lines.append(f"At least the spectral probe on {len(g['probe_reached'])} of the {len(g['probe_read'])} "
+                     f"attributes it reads at p < {c['alpha']} ({', '.join(g['probe_reached']) or 'none'}; "
+                     f"needed {needed}): {'met' if g['reaches_probe'] else 'not met'}.")
+    lines.append(f"Goal {'met' if g['met'] else 'not met'}.")
+    return "\n".join(lines)
 
 
 def probe_goal_line(g: Mapping) -> str:

@@ -188,6 +188,9 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     line = reporting.probe_goal_line(out["probe_goals"]["RE-Net"])
     assert line in text and line.startswith("RE-Net: Goal ")
     assert out["goals"]["RE-Net"]["random_gt"] == "Random G.T. (RE-Net)"
+    goal_b = out["goals"]["RE-Net"]  # issue 12's (b), with the probe's attributes
+    assert goal_b["criteria"]["min_significant"] == 3 and "probe_read" in goal_b
+    assert "Goal (b): " + reporting.goal_markdown(goal_b) in text
     assert out["report"]["num_generators"] == 6  # two folds of 3 held-out generators
     files = out["files"]
     for key in ("tables", "scores_md", "scores_plot"):

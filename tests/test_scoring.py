@@ -200,6 +200,21 @@ def test_goal_criteria():
     assert "Goal not met" in reporting.goal_markdown(g)
     with pytest.raises(KeyError, match="no method 'RE-Net'"):
         scoring.goal(report, "RE-Net")
+    # The demo's goal (b): 3 attributes at p < 0.01, no counts criterion, the probe reached on 3
+    # of the attributes it reads (all of them when it reads fewer).
+    names = [t.name for t in targets.DISCRETE_TARGETS]
+    probe = {n: {"f1": f, "p": p} for n, f, p in zip(names, [0.85, 0.7, 0.6, 0.9, 0.5, 0.5], [1e-4] * 4 + [0.3] * 2)}
+    g = scoring.goal(report, probe=probe, **scoring.DEMO_GOAL_B)
+    assert g["enough_significant"] and not g["beats_mean_predictor"]  # counts are not asked
+    assert g["probe_read"] == ["normalization", "nonlin_block", "nonlin_last", "upsampling"]
+    assert g["probe_reached"] == ["normalization", "nonlin_block", "nonlin_last"] and g["met"]
+    text = reporting.goal_markdown(g)
+    assert "counts" not in text and "spectral probe on 3 of the 4 attributes" in text and "Goal met" in text
+    ada["targets"]["nonlin_last"]["f1_generator"] = 0.55  # below the probe's 0.6: 2 of 4 reached
+    assert not scoring.goal(report, probe=probe, **scoring.DEMO_GOAL_B)["met"]
+    one = {n: dict(r, p=0.5) for n, r in probe.items()} | {"normalization": probe["normalization"]}
+    g = scoring.goal(report, probe=one, **scoring.DEMO_GOAL_B)  # the probe reads one: reaching it is enough
+    assert g["probe_read"] == ["normalization"] and g["reaches_probe"] and g["met"]
 
 
 # ------------------------------------------------------------------------------------------------
