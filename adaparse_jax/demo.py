@@ -12,7 +12,6 @@ per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out s
 
 from __future__ import annotations
 
-import ast
 import concurrent.futures
 import dataclasses
 import json
@@ -121,29 +120,23 @@ def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
     return runs
 
 
-def recipe_overrides(config: ml_collections.ConfigDict) -> dict[tuple[str, str], object]:
-    """`config.recipe_overrides` ("GROUP.FIELD=VALUE ..."; VALUE a Python literal, else a string)
-    as {(group, field): value}, each a field of config.train whose value has that field's type
-    (an int where a float is expected is taken). Raises ValueError naming the bad entry."""
-    out = {}
+def recipe_overrides(config: ml_collections.ConfigDict) -> list[str]:
+    """`config.recipe_overrides` ("GROUP.FIELD=VALUE ...") as the command-line overrides of
+    config.train it names ('--config.GROUP.FIELD=VALUE'), checked against config.train's fields and
+    types as `train.apply_overrides` checks them. Raises ValueError naming the bad entry."""
+    out = []
     for entry in str(config.recipe_overrides).split():
-        path, sep, text = entry.partition("=")
-        group, _, field = path.partition(".")
-        known = sep and group in config.train and isinstance(config.train[group], ml_collections.ConfigDict)
-        if not known or field not in config.train[group]:
+        path = entry.partition("=")[0]
+        group = path.partition(".")[0]
+        arg = f"--config.{entry}"
+        if "=" not in entry or not isinstance(config.train.get(group), ml_collections.ConfigDict):
             raise ValueError(f"config.recipe_overrides entry {entry!r}: expected GROUP.FIELD=VALUE with "
                              f"GROUP.FIELD a field of config.train (e.g. model.parser_pool=flatten)")
         try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        current = config.train[group][field]
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(current):
-            raise ValueError(f"config.recipe_overrides entry {entry!r}: {path} is a "
-                             f"{type(current).__name__}, got {value!r}")
-        out[(group, field)] = value
+            training.apply_overrides(config.train, [arg])
+        except training.ConfigError as e:
+            raise ValueError(f"config.recipe_overrides entry {entry!r}: {e}") from e
+        out.append(arg)
     return out
 
 
@@ -158,8 +151,7 @@ def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.
     overrides = recipe_overrides(config)
     training.apply_recipe(t, run.recipe)
     if run.recipe != "official":
-        for (group, field), value in overrides.items():
-            t[group][field] = value
+        t = training.apply_overrides(t, overrides)
     per_recipe = config.recipe_train.to_dict()
     unknown = sorted(set(per_recipe) - set(training.RECIPES))
     if unknown:

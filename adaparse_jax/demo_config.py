@@ -94,8 +94,9 @@ def get_config(arg=None):
     c.recipe_train = ml_collections.ConfigDict(
         {"improved": ml_collections.ConfigDict({"learning_rate": 3e-3, "num_epochs": 2})})
     # Fields set on the runs of every recipe but 'official', after the recipe: a variant of the
-    # recipe without editing it, as space-separated GROUP.FIELD=VALUE (Python literals, else
-    # strings), e.g. "model.parser_pool=flatten loss.constraint_scale=0.1" (demo.recipe_overrides).
+    # recipe without editing it, as space-separated GROUP.FIELD=VALUE of config.train, each parsed
+    # as `--config.GROUP.FIELD=VALUE` is on the command line (train.apply_overrides), e.g.
+    # "model.parser_pool=flatten loss.constraint_scale=0.1" (demo.recipe_overrides).
     c.recipe_overrides = ""
     c.probe = True  # the spectral probe on the same folds, a reference row and the goal's bar
     c.random_gt_seeds = (0, 1)

@@ -57,6 +57,24 @@ def test_overrides_reach_nested_fields_and_keep_types():
         training.load_config(str(ROOT / "configs/re116.py"), ["--config.split=two"])
 
 
+def test_apply_overrides_parses_as_the_command_line_and_leaves_the_config_alone():
+    config = training.load_config(str(ROOT / "configs/re116.py"))
+    before = config.to_dict()
+    out = training.apply_overrides(config, ["--config.model.parser_pool=flatten",
+                                            "--config.loss.constraint_scale=1", "--config.random_gt=false"])
+    assert (out.model.parser_pool, out.loss.constraint_scale, out.random_gt) == ("flatten", 1.0, False)
+    assert isinstance(out.loss.constraint_scale, float)
+    assert config.to_dict() == before  # a copy: the argument is unchanged
+    # the same parsing as a config file's overrides
+    assert out.to_dict() == training.load_config(str(ROOT / "configs/re116.py"), [
+        "--config.model.parser_pool=flatten", "--config.loss.constraint_scale=1", "--config.random_gt=false"]).to_dict()
+    for bad, match in ((["--config.model.width=2.5"], "width=2.5"),
+                       (["--config.model.widht=8"], "did you mean 'model.width'"),
+                       (["model.width=8"], "expected --config.FIELD=VALUE"), (["--config.random_gt=maybe"], "maybe")):
+        with pytest.raises(training.ConfigError, match=match):
+            training.apply_overrides(config, bad)
+
+
 def test_unknown_fields_are_errors_that_list_the_valid_ones():
     with pytest.raises(training.ConfigError, match=r"unknown config field 'spilt'; did you mean 'split'"
                                                     r"(?s:.*)valid fields of config: batch_size, "):

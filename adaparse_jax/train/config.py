@@ -1,5 +1,6 @@
 """The training config: schema (`default_config` lists every field), validation, loading with
-command-line overrides, the config a workdir saved, and a run's label.
+command-line overrides (`apply_overrides`: `--config.x=y` on any config), the config a workdir saved,
+and a run's label.
 
 A config file is a Python file with `get_config(arg=None)` (ml_collections); `load_config(path,
 overrides)` reads it as `train.py --config PATH --config.x=y` does, refusing unknown fields with the
@@ -9,6 +10,7 @@ front instead of after the first epoch.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -366,29 +368,52 @@ def check_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node, prefix = node[part], prefix + part + "."
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """A copy of `config` with command-line overrides such as '--config.model.parser_pool=flatten'
+    applied as `train.py` applies them (ml_collections' config_flags: each value parsed as the field's
+    type, e.g. '1' for a float field is 1.0). `config` itself is left as it is.
+
+    Raises ConfigError naming the override: an unknown field (with the valid ones), a value that is
+    not of the field's type, or an argument that is not '--config.FIELD=VALUE'.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    for arg in overrides:
+        if not arg.startswith("--config.") or "=" not in arg:
+            raise ConfigError(f"override {arg!r}: expected --config.FIELD=VALUE")
+    check_overrides(config, overrides)
+    argv = ["apply_overrides", *overrides]
+    fv = flags.FlagValues()
+    # sys_argv: config_flags otherwise finds the override flags in this process's sys.argv.
+    config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise ConfigError(str(e)) from e
+    return fv.config
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load a config file as `train.py --config PATH[:ARG] --config.x=y ...` does.
 
     Args:
       path: a config file with `get_config(arg=None)`, optionally followed by ':ARG'.
-      overrides: command-line overrides such as '--config.split=2'.
+      overrides: command-line overrides such as '--config.split=2' (`apply_overrides`).
     """
     from absl import flags
     from ml_collections import config_flags
 
-    def parse(args):
-        argv = ["load_config", f"--config={path}", *args]
-        fv = flags.FlagValues()
-        # sys_argv: config_flags otherwise finds the override flags in this process's sys.argv.
-        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
-        fv(argv)
-        return fv.config
-
+    argv = ["load_config", f"--config={path}"]
+    fv = flags.FlagValues()
+    # sys_argv: config_flags otherwise finds the override flags in this process's sys.argv.
+    config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
     try:
-        check_overrides(parse([]), overrides)
-        return parse(list(overrides))
+        fv(argv)
     except flags.Error as e:
         raise ConfigError(str(e)) from e
+    return apply_overrides(fv.config, overrides) if overrides else fv.config
 
 
 def _normalise(config) -> dict:
