@@ -48,12 +48,14 @@ class Run:
     random_gt_seed: int | None  # None: true labels
     workdir: Path
     recipe: str = "official"
+    seed: int | None = None  # the training seed; None: config.train.seed
 
     @property
     def name(self) -> str:
         c = ml_collections.ConfigDict({"label": "", "random_gt": self.random_gt_seed is not None,
                                        "model": {"arch": self.arch}, "recipe": self.recipe})
         seed = "" if self.random_gt_seed is None else f" seed {self.random_gt_seed}"
+        seed += "" if self.seed is None else f" training seed {self.seed}"
         return f"{training.run_label(c)}{seed}, fold {self.fold}"
 
 
@@ -106,14 +108,27 @@ def parse_method(spec: str) -> tuple[str, str]:
 
 
 def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
-    """Every run of the demo, methods first, then Random G.T. (fold-major within each)."""
+    """Every run of the demo, methods first (seed-major), then Random G.T. (fold-major within each).
+
+    config.seeds: the training seeds of the methods (one k-fold replicate each, scored also as
+    their ensemble, `scoring.score_runs`); () is config.train.seed alone. The run of seed
+    config.train.seed keeps the directory it has without seeds; the others are <stem>_seed<S>_fold<F>.
+    """
     runs_dir = Path(config.workdir).resolve() / RUNS_DIR
+    base_seed = int(config.train.seed)
+    seeds = [int(s) for s in config.seeds] or [base_seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.seeds: {tuple(config.seeds)} repeats a seed")
 
     def stem(arch, recipe):  # official runs keep the names they had before recipes existed
         return arch if recipe == "official" else f"{arch}_{recipe}"
 
-    runs = [Run(arch, f, None, runs_dir / f"{stem(arch, recipe)}_fold{f}", recipe)
-            for arch, recipe in map(parse_method, config.methods) for f in folds]
+    def seeded(s):
+        return "" if s == base_seed else f"_seed{s}"
+
+    runs = [Run(arch, f, None, runs_dir / f"{stem(arch, recipe)}{seeded(s)}_fold{f}", recipe,
+                None if s == base_seed else s)
+            for arch, recipe in map(parse_method, config.methods) for s in seeds for f in folds]
     runs += [Run(arch, f, seed, runs_dir / f"{stem(arch, recipe)}_random_gt{seed}_fold{f}", recipe)
              for arch, recipe in map(parse_method, config.random_gt_methods)
              for seed in config.random_gt_seeds for f in folds]
@@ -170,6 +185,8 @@ def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.
     t.split = int(run.fold) if run.fold.isdigit() else run.fold
     t.random_gt = run.random_gt_seed is not None
     t.random_gt_seed = run.random_gt_seed or 0
+    if run.seed is not None:
+        t.seed = run.seed
     t.compilation_cache = str(workdir / XLA_CACHE_DIR)
     return t
 
@@ -284,8 +301,13 @@ def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> 
         result["probe_goals"] = probe_goals(report, result["probe"])
     result["goals"] = {m["label"]: scoring.goal(report, m["label"], probe=result["probe"], **scoring.DEMO_GOAL_B)
                        for m in report["methods"]
-                       if not m["random_gt"] and f"{scoring.RANDOM_GT_PREFIX} ({m['label']})" in labels}
+                       if not m["random_gt"] and _random_gt_label(m) in labels}
     return result
+
+
+def _random_gt_label(method: Mapping) -> str:
+    """The Random G.T. row of a method (of the method an ensemble is made of)."""
+    return f"{scoring.RANDOM_GT_PREFIX} ({method.get('ensemble_of', method['label'])})"
 
 
 def probe_goals(report: Mapping, probe: Mapping) -> dict:
@@ -296,8 +318,8 @@ def probe_goals(report: Mapping, probe: Mapping) -> dict:
     for m in report["methods"]:
         if m["random_gt"]:
             continue
-        official = m["label"].split(" (")[0]
-        rgt = f"{scoring.RANDOM_GT_PREFIX} ({m['label']})"
+        official = m["label"].split(" (")[0].split(",")[0]
+        rgt = _random_gt_label(m)
         goals[m["label"]] = scoring.probe_goal(
             report, m["label"], probe, official=official if official in labels else None,
             random_gt=rgt if rgt in labels else None)

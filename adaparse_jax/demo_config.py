@@ -100,6 +100,10 @@ def get_config(arg=None):
     c.recipe_overrides = ""
     c.probe = True  # the spectral probe on the same folds, a reference row and the goal's bar
     c.random_gt_seeds = (0, 1)
+    # Training seeds of the methods: () = train.seed alone; several = one k-fold replicate per seed
+    # (mean ± std in the tables) and their ensemble as its own row (class probabilities averaged
+    # per image, `scoring.score_runs`), with its own goal lines.
+    c.seeds = ()
     c.folds = ()  # () = every fold of the zoo
     c.n_resamples = 9999
     c.plots = True

@@ -76,6 +76,36 @@ def load_predictions(path: str | Path) -> dict:
     return out
 
 
+def ensemble_predictions(members: Sequence[Mapping], names: Sequence[str] = ()) -> dict:
+    """The predictions of an ensemble: per image, the mean of the members' class probabilities
+    (each target's decision is its argmax) and of their continuous predictions.
+
+    Args:
+      members: `load_predictions` results of runs that predicted the same images in the same
+        order (e.g. one fold trained with several seeds).
+      names: one name per member for the error message (e.g. their files).
+
+    Raises ValueError when the members' images ('generator', and 'paths' where recorded) differ.
+    """
+    if not members:
+        raise ValueError("ensemble_predictions: no members")
+    first = members[0]
+    names = list(names) or [f"member {i}" for i in range(len(members))]
+    for name, m in zip(names[1:], members[1:]):
+        for key in ("generator", "paths"):
+            if key in first and not np.array_equal(np.asarray(m[key]), np.asarray(first[key])):
+                raise ValueError(f"{name}: predicts other images than {names[0]} ({key!r} differs); "
+                                 "an ensemble's members must predict the same test images")
+    out = dict(first)
+    out[targets.CONTINUOUS] = np.mean([np.asarray(m[targets.CONTINUOUS], np.float64) for m in members],
+                                      axis=0).astype(np.float32)
+    for t in targets.CLASSIFICATION_TARGETS:
+        prob = np.mean([np.asarray(m[f"prob/{t.name}"], np.float64) for m in members], axis=0)
+        out[f"prob/{t.name}"] = prob.astype(np.float32)
+        out[t.name] = prob.argmax(-1).astype(np.int32)
+    return out
+
+
 def _decisions(predictions: Mapping) -> dict:
     keys = [targets.CONTINUOUS] + [t.name for t in targets.CLASSIFICATION_TARGETS]
     return {k: predictions[k] for k in keys}

@@ -112,14 +112,24 @@ def _summary(replicates: Sequence[Mapping]) -> dict:
     return out
 
 
+def ensemble_label(label: str, k: int) -> str:
+    """The row label of the ensemble of a method's k training seeds."""
+    return f"{label}, ensemble of {k}"
+
+
 def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RESAMPLES,
-               seed: int = 0) -> dict:
+               seed: int = 0, ensembles: bool = True) -> dict:
     """Score k-fold runs (workdirs or glob patterns), see the module docstring.
 
     Every replicate must cover the same generators (normally all of the dataset, one fold each);
     the report says how many. Returns {'dataset', 'num_generators', 'num_images', 'folds',
     'n_resamples', 'seed', 'methods': [...], 'baseline': {...}}; each method holds its label, its
     replicates (key, workdirs, scores) and the summary over replicates.
+
+    ensembles: a method trained on true labels with several training seeds also gets the row of
+    their ensemble (`ensemble_label`; per fold, the seeds' class probabilities averaged per image,
+    `evaluation.ensemble_predictions`), scored as one replicate; its entry names the method in
+    'ensemble_of'. Random G.T. seeds are not ensembled (each permutes the labels differently).
     """
     dirs = evaluation.expand_workdirs(workdirs)
     groups: dict[str, dict[int, list]] = {}
@@ -134,13 +144,14 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
     covered = None
     methods = []
     for label in sorted(groups, key=method_rank):
-        replicates = []
+        replicates, parts_of = [], {}
         for key in sorted(groups[label]):
             runs = sorted(groups[label][key], key=lambda r: r["split"])
             if {r["dataset"] for r in runs} != {dataset.name}:
                 raise ValueError(f"runs of {label!r} use datasets {sorted({r['dataset'] for r in runs})}; "
                                  f"score one dataset at a time ({dataset.name})")
             parts = [(r["split"], evaluation.load_predictions(r["predictions"])) for r in runs]
+            parts_of[key] = (parts, runs)
             held = pool(parts, [r["workdir"] for r in runs])
             gens = sorted(np.unique(held.generators).tolist())
             if covered is None:
@@ -155,8 +166,11 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
             replicates.append({"key": key, "folds": sorted(r["split"] for r in runs),
                                "workdirs": [r["workdir"] for r in runs],
                                "selected_steps": [r["step"] for r in runs], **scores})
-        methods.append({"label": label, "random_gt": label.startswith(RANDOM_GT_PREFIX),
+        random_gt = label.startswith(RANDOM_GT_PREFIX)
+        methods.append({"label": label, "random_gt": random_gt,
                         "replicates": replicates, **_summary(replicates)})
+        if ensembles and not random_gt and len(parts_of) > 1:
+            methods.append(_ensemble(label, parts_of, n_resamples=n_resamples, seed=seed))
     base = score_held_out(mean_predictor(dataset, baseline_runs), n_resamples=n_resamples, seed=seed,
                           with_pvalues=False)
     return {
@@ -170,6 +184,29 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
         "methods": methods,
         "baseline": {"label": BASELINE_LABEL, "replicates": [base], **_summary([base])},
     }
+
+
+def _ensemble(label: str, parts_of: Mapping[int, tuple], *, n_resamples: int, seed: int) -> dict:
+    """The method entry of the ensemble of `label`'s replicates ({seed: (fold parts, runs)})."""
+    keys = sorted(parts_of)
+    by_fold = {k: {r["split"]: (p, r) for (_, p), r in zip(*parts_of[k])} for k in keys}
+    folds = sorted(by_fold[keys[0]])
+    for k in keys[1:]:
+        if sorted(by_fold[k]) != folds:
+            raise ValueError(f"{label!r}: seed {k} ran folds {sorted(by_fold[k])}, seed {keys[0]} "
+                             f"folds {folds}; an ensemble needs every seed on the same folds")
+    parts, workdirs, steps = [], [], []
+    for fold in folds:
+        members = [by_fold[k][fold] for k in keys]
+        parts.append((fold, evaluation.ensemble_predictions([p for p, _ in members],
+                                                            [r["predictions"] for _, r in members])))
+        workdirs += [r["workdir"] for _, r in members]
+        steps += [r["step"] for _, r in members]
+    scores = score_held_out(pool(parts, workdirs), n_resamples=n_resamples, seed=seed)
+    replicate = {"key": "+".join(map(str, keys)), "folds": folds, "workdirs": workdirs,
+                 "selected_steps": steps, **scores}
+    return {"label": ensemble_label(label, len(keys)), "random_gt": False, "ensemble_of": label,
+            "replicates": [replicate], **_summary([replicate])}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,8 +231,8 @@ def goal(report: Mapping, method: str = "AdaParse", random_gt: str | None = None
     by_label = {m["label"]: m for m in report["methods"]}
     if method not in by_label:
         raise KeyError(f"no method {method!r} in the report; methods are {sorted(by_label)}")
-    rgt_label = random_gt or f"{RANDOM_GT_PREFIX} ({method})"
     m = by_label[method]
+    rgt_label = random_gt or f"{RANDOM_GT_PREFIX} ({m.get('ensemble_of', method)})"
     rgt = by_label.get(rgt_label)
     base = report["baseline"]
     disc = [t.name for t in targets.DISCRETE_TARGETS]
@@ -282,6 +319,5 @@ def probe_goal(report: Mapping, method: str, probe: Mapping, *, official: str | 
 # Tables.
 
 
-__all__ = ["BASELINE_LABEL", "FAMILIES", "N_RESAMPLES", "RANDOM_GT_PREFIX", "goal", "mean_predictor",
-           "probe_goal",
-           "score_runs"]
+__all__ = ["BASELINE_LABEL", "FAMILIES", "N_RESAMPLES", "RANDOM_GT_PREFIX", "ensemble_label", "goal",
+           "mean_predictor", "probe_goal", "score_runs"]

@@ -90,6 +90,24 @@ def test_plan_and_train_configs(tmp_path):
             k: v for k, v in c.train.model.items() if k != "arch"}
 
 
+def test_seeds_plan_one_replicate_per_training_seed(tmp_path):
+    c = _config([f"--config.workdir={tmp_path}", "--config.methods=('renet:improved',)",
+                 "--config.random_gt_methods=('renet:improved',)", "--config.random_gt_seeds=(0,)",
+                 "--config.seeds=(0, 2)"])
+    runs = demo.plan(c, ["1", "2"])
+    # The runs of train.seed keep their names.
+    assert [(r.workdir.name, r.seed, r.random_gt_seed) for r in runs] == [
+        ("renet_improved_fold1", None, None), ("renet_improved_fold2", None, None),
+        ("renet_improved_seed2_fold1", 2, None), ("renet_improved_seed2_fold2", 2, None),
+        ("renet_improved_random_gt0_fold1", None, 0), ("renet_improved_random_gt0_fold2", None, 0)]
+    assert [demo.train_config(c, r).seed for r in runs] == [0, 0, 2, 2, 0, 0]
+    assert runs[2].name == "RE-Net (improved) training seed 2, fold 1"
+    assert [r.workdir for r in demo.plan(_config([f"--config.workdir={tmp_path}"]), ["1"])] == [
+        r.workdir for r in demo.plan(_config([f"--config.workdir={tmp_path}", "--config.seeds=(0,)"]), ["1"])]
+    with pytest.raises(ValueError, match="config.seeds"):
+        demo.plan(_config([f"--config.workdir={tmp_path}", "--config.seeds=(1, 1)"]), ["1"])
+
+
 def test_recipe_overrides_make_a_variant_of_the_recipe_without_editing_it(tmp_path):
     base = [f"--config.workdir={tmp_path}", "--config.methods=('renet', 'renet:improved')",
             "--config.random_gt_methods=()"]
@@ -204,3 +222,22 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     out2 = demo.run_demo(c, progress=False, echo=lambda s: None)
     assert all((r.workdir / training.METRICS_JSONL).read_text() == lines[r.workdir] for r in runs)
     assert out2["report"]["methods"] == out["report"]["methods"]
+
+
+def test_probe_goals_of_an_ensemble_use_its_methods_references():
+    names = [t.name for t in targets.DISCRETE_TARGETS]
+
+    def method(label, f1, groups, **extra):
+        return {"label": label, "random_gt": label.startswith(scoring.RANDOM_GT_PREFIX),
+                "targets": {n: {"f1_generator": f1} for n in names},
+                "means": {"discrete/f1_generator": f1, "groups/f1_generator": groups}, **extra}
+
+    report = {"methods": [method("RE-Net", 0.3, 0.5), method("RE-Net (improved)", 0.6, 0.6),
+                          method("RE-Net (improved), ensemble of 2", 0.9, 0.4, ensemble_of="RE-Net (improved)"),
+                          method("Random G.T. (RE-Net (improved))", 0.7, 0.3)]}
+    probe = {"upsampling": {"f1": 0.8, "p": 1e-4}}
+    goals = demo.probe_goals(report, probe)
+    g = goals["RE-Net (improved), ensemble of 2"]
+    assert g["random_gt_discrete_f1"] == 0.7 and g["official_groups_f1"] == 0.5
+    assert g["checks"] == {"probe": True, "upsampling": True, "random_gt": True, "groups": False}
+    assert goals["RE-Net (improved)"]["checks"]["random_gt"] is False  # 0.6 < 0.7

@@ -5,6 +5,8 @@ NumPy enumerations, pooling of folds, the goal check, and `score_runs` on real t
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -174,6 +176,29 @@ def test_pool_refuses_overlapping_or_repeated_folds():
         stats.pool([("1", a), ("1", _fake_fold([4], rng, table))])
 
 
+def test_ensemble_predictions_average_probabilities_per_image():
+    rng = np.random.default_rng(7)
+    table = _label_table(6, rng)
+    members = []
+    for _ in range(3):
+        m = _fake_fold([0, 1, 2], rng, table)
+        for t in targets.CLASSIFICATION_TARGETS:
+            m[f"prob/{t.name}"] = rng.dirichlet(np.ones(t.num_classes), len(m["generator"])).astype(np.float32)
+        members.append(m)
+    e = evaluation.ensemble_predictions(members)
+    for t in targets.CLASSIFICATION_TARGETS:
+        mean = (members[0][f"prob/{t.name}"].astype(np.float64) + members[1][f"prob/{t.name}"]
+                + members[2][f"prob/{t.name}"]) / 3
+        np.testing.assert_allclose(e[f"prob/{t.name}"], mean, rtol=1e-6)
+        np.testing.assert_array_equal(e[t.name], mean.argmax(-1))
+    np.testing.assert_allclose(e[targets.CONTINUOUS], np.mean([m[targets.CONTINUOUS] for m in members], 0),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(e["generator"], members[0]["generator"])
+    other = dict(members[1], generator=members[1]["generator"][::-1])
+    with pytest.raises(ValueError, match="b.npz: predicts other images than a.npz"):
+        evaluation.ensemble_predictions([members[0], other], ["a.npz", "b.npz"])
+
+
 def _method(label, f1s, p, l1, replicates=1):
     disc = {t.name: {"f1_generator": f, "p_generator": p_} for t, f, p_ in
             zip(targets.DISCRETE_TARGETS, f1s, p)}
@@ -200,6 +225,10 @@ def test_goal_criteria():
     assert "Goal not met" in reporting.goal_markdown(g)
     with pytest.raises(KeyError, match="no method 'RE-Net'"):
         scoring.goal(report, "RE-Net")
+    # An ensemble of AdaParse's seeds is compared with AdaParse's Random G.T.
+    ens = dict(ada, label=scoring.ensemble_label("AdaParse", 3), ensemble_of="AdaParse")
+    g = scoring.goal({"methods": [ada, ens, rgt], "baseline": base}, ens["label"])
+    assert g["random_gt"] == "Random G.T. (AdaParse)" and g["margin"] == pytest.approx(0.2)
     # The demo's goal (b): 3 attributes at p < 0.01, no counts criterion, the probe reached on 3
     # of the attributes it reads (all of them when it reads fewer).
     names = [t.name for t in targets.DISCRETE_TARGETS]
@@ -251,6 +280,38 @@ def test_score_runs_on_real_runs(runs):
     text = reporting.scores_markdown(report)
     assert "Table III: discrete architecture, macro F1, per generator" in text
     assert "| RE-Net |" in text and f"| {scoring.BASELINE_LABEL} |" in text
+    # A second training seed (copies of A and C with seed 1 and other probabilities) makes two
+    # replicates and their ensemble: per image the mean of the seeds' probabilities, then scored.
+    seed1 = {}
+    rng = np.random.default_rng(3)
+    for k in ("A", "C"):
+        seed1[k] = runs["root"] / f"{k}_seed1"
+        if not seed1[k].exists():
+            shutil.copytree(runs[k], seed1[k])
+            cfg = json.loads((seed1[k] / "config.json").read_text())
+            cfg["seed"] = 1
+            (seed1[k] / "config.json").write_text(json.dumps(cfg))
+            f = next((seed1[k] / "eval").glob("test_predictions_step*.npz"))
+            p = evaluation.load_predictions(f)
+            for t in targets.CLASSIFICATION_TARGETS:
+                p[f"prob/{t.name}"] = rng.dirichlet(np.ones(t.num_classes), len(p["generator"]))
+                p[t.name] = p[f"prob/{t.name}"].argmax(-1)
+            evaluation.save_predictions(f, p, generator_names=p["generator_names"], paths=p["paths"])
+    report = scoring.score_runs([runs["A"], runs["C"], seed1["A"], seed1["C"]], n_resamples=99)
+    assert [m["label"] for m in report["methods"]] == ["RE-Net", scoring.ensemble_label("RE-Net", 2)]
+    plain, ens = report["methods"]
+    assert [r["key"] for r in plain["replicates"]] == [0, 1] and ens["ensemble_of"] == "RE-Net"
+    preds1 = [evaluation.load_predictions(next((seed1[k] / "eval").glob("test_predictions_step*.npz")))
+              for k in ("A", "C")]
+    for t in targets.DISCRETE_TARGETS:
+        prob = np.concatenate([(p0[f"prob/{t.name}"] + p1[f"prob/{t.name}"]) / 2
+                               for p0, p1 in zip(preds, preds1)])
+        d = prob.argmax(-1)
+        y = np.concatenate([p["label_rows"][:, targets.column_index(t.name)] for p in preds]).astype(int)
+        assert ens["targets"][t.name]["f1_image"] == pytest.approx(_sk_f1(y, d), abs=1e-12)
+    assert "RE-Net, ensemble of 2**: 1 replicate(s) (seeds 0+1)" in reporting.scores_markdown(report)
+    assert [m["label"] for m in scoring.score_runs([runs["A"], runs["C"], seed1["A"], seed1["C"]],
+                                                   n_resamples=9, ensembles=False)["methods"]] == ["RE-Net"]
     # Run B repeats split 1 of the same method and seed: the folds of one replicate would overlap.
     with pytest.raises(ValueError, match="appear twice"):
         scoring.score_runs([runs["A"], runs["B"], runs["C"]], n_resamples=9)
