@@ -9,6 +9,15 @@ III and IV, per image and per generator, mean ± std over splits, plus the mean/
 OUT/results.json (the same numbers at full precision, confusion counts) and
 OUT/confusion_<method>.png. Everything else lives in `adaparse_jax.evaluation.evaluate`.
 
+  python eval.py --pooled --workdir 'runs/demo/runs/renet_improved*' --out results/pooled --probe runs/demo/zoo
+
+With --pooled, the workdirs are scored as k-fold runs instead (`adaparse_jax.scoring.score_runs`,
+as `make demo` scores them): the held-out predictions of every fold pooled, per attribute the
+generator- and image-level macro F1 with a generator-permutation p-value, Random G.T. as mean ±
+std over its seeds, a method's training seeds as replicates and as their ensemble. Writes
+OUT/scores.md and OUT/scores.json; --probe ZOO adds the zoo's spectral probe as a reference row
+and prints issue 12's goal (b) line of every method whose Random G.T. runs are among the workdirs.
+
   python eval.py --workdir runs/tiny --perturb rot90 jpeg:75 noise:4 fgsm:2 --out results/robust
 
 With --perturb, the test images are parsed clean and after each perturbation instead (NAME[:LEVEL],
@@ -56,7 +65,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--perturb", nargs="+", action="extend", metavar="NAME[:LEVEL]",
                    help="robustness table instead: perturbations of the test images, e.g. rot90 hflip "
                         "jpeg:75 noise:4 blur:1 resize:0.5 crop:0.8 fgsm:2 pgd:2:10 denoise:0.05")
+    p.add_argument("--pooled", action="store_true",
+                   help="score the workdirs as k-fold runs: pooled held-out macro F1, p-values, "
+                        "replicates and ensembles (OUT/scores.md, .json)")
+    p.add_argument("--probe", metavar="ZOO", help="with --pooled: a zoo directory whose spectral probe "
+                   "is the reference row and the goal's bar")
+    p.add_argument("--n-resamples", dest="n_resamples", type=int, default=9999,
+                   help="with --pooled: permutations per p-value (default 9999)")
     return p
+
+
+def pooled(args: argparse.Namespace) -> int:
+    """--pooled: `scoring.score_runs` of the workdirs, its tables, and goal (b) with --probe."""
+    from adaparse_jax import reporting, scoring
+    from adaparse_jax.zoo import probe as zoo_probe
+
+    try:
+        report = scoring.score_runs(args.workdir, n_resamples=args.n_resamples)
+        probe = zoo_probe.probe(args.probe, n_resamples=args.n_resamples) if args.probe else None
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = reporting.write_scores(report, args.out)
+    print(reporting.scores_markdown(report, probe=probe))
+    labels = {m["label"] for m in report["methods"]}
+    for m in report["methods"]:
+        if probe is not None and not m["random_gt"] and scoring.random_gt_label(m) in labels:
+            g = scoring.goal(report, m["label"], probe=probe, **scoring.DEMO_GOAL_B)
+            print("Goal (b): " + reporting.goal_markdown(g) + "\n")
+    print(f"wrote {files['scores_md']} and {files['scores_json']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         print(robustness.markdown(report))
         print(f"wrote {report['files']['markdown']} and {report['files']['json']}")
         return 0
+
+    if args.pooled:
+        return pooled(args)
 
     from adaparse_jax import evaluation, reporting
 

@@ -5,8 +5,8 @@ fold, and print the held-out tables with honest scoring.
     python -m adaparse_jax.demo --config configs/demo.py --config.workdir=runs/demo2
 
 What runs, where it goes and what the output means: configs/demo.py's docstring. The pieces are
-library calls: `zoo.build_zoo` (the zoo), `training.train` (one run per method, fold
-and Random-G.T. seed, each in its own workdir, resumable), `evaluation.evaluate` (the papers'
+library calls: `zoo.build_zoo` (the zoo), `training.train` (one run per method, fold,
+training seed (`config.seeds`) and Random-G.T. seed, each in its own workdir, resumable), `evaluation.evaluate` (the papers'
 per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out scores, p-values).
 """
 
@@ -282,12 +282,23 @@ def train_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], *, progre
     return summaries
 
 
+def papers_runs(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> list[Run]:
+    """The runs of the papers' per-fold tables, one per method and fold: each method's first
+    training seed and each Random G.T. method's first seed (`evaluation.evaluate` takes one run per
+    label and split)."""
+    first: dict[tuple, int | None] = {}
+    for r in runs:
+        if r.random_gt_seed is None:
+            first.setdefault((r.arch, r.recipe), r.seed)
+    first_rgt = set(config.random_gt_seeds[:1])
+    return [r for r in runs if (r.random_gt_seed is None and r.seed == first[(r.arch, r.recipe)])
+            or r.random_gt_seed in first_rgt]
+
+
 def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> dict:
-    """The papers' per-fold tables (`evaluation.evaluate`, first Random-G.T. seed) and the honest
-    scores of all runs (`scoring.score_runs`), with their files in `out`."""
-    first_seed = set(config.random_gt_seeds[:1])
-    per_fold = [r.workdir for r in runs if r.random_gt_seed is None or r.random_gt_seed in first_seed]
-    papers = evaluation.evaluate(per_fold, out)
+    """The papers' per-fold tables (`evaluation.evaluate` of `papers_runs`) and the honest scores
+    of all runs (`scoring.score_runs`), with their files in `out`."""
+    papers = evaluation.evaluate([r.workdir for r in papers_runs(config, runs)], out)
     report = scoring.score_runs([r.workdir for r in runs], n_resamples=config.n_resamples)
     files = {**papers["files"], **reporting.write_scores(report, out)}
     if config.plots:
@@ -301,13 +312,8 @@ def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> 
         result["probe_goals"] = probe_goals(report, result["probe"])
     result["goals"] = {m["label"]: scoring.goal(report, m["label"], probe=result["probe"], **scoring.DEMO_GOAL_B)
                        for m in report["methods"]
-                       if not m["random_gt"] and _random_gt_label(m) in labels}
+                       if not m["random_gt"] and scoring.random_gt_label(m) in labels}
     return result
-
-
-def _random_gt_label(method: Mapping) -> str:
-    """The Random G.T. row of a method (of the method an ensemble is made of)."""
-    return f"{scoring.RANDOM_GT_PREFIX} ({method.get('ensemble_of', method['label'])})"
 
 
 def probe_goals(report: Mapping, probe: Mapping) -> dict:
@@ -319,7 +325,7 @@ def probe_goals(report: Mapping, probe: Mapping) -> dict:
         if m["random_gt"]:
             continue
         official = m["label"].split(" (")[0].split(",")[0]
-        rgt = _random_gt_label(m)
+        rgt = scoring.random_gt_label(m)
         goals[m["label"]] = scoring.probe_goal(
             report, m["label"], probe, official=official if official in labels else None,
             random_gt=rgt if rgt in labels else None)

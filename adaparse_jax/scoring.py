@@ -117,6 +117,12 @@ def ensemble_label(label: str, k: int) -> str:
     return f"{label}, ensemble of {k}"
 
 
+def random_gt_label(method: Mapping) -> str:
+    """The label of the Random G.T. row a `score_runs` method entry compares with (for an
+    ensemble, that of the method it ensembles)."""
+    return f"{RANDOM_GT_PREFIX} ({method.get('ensemble_of', method['label'])})"
+
+
 def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RESAMPLES,
                seed: int = 0, ensembles: bool = True) -> dict:
     """Score k-fold runs (workdirs or glob patterns), see the module docstring.
@@ -232,7 +238,7 @@ def goal(report: Mapping, method: str = "AdaParse", random_gt: str | None = None
     if method not in by_label:
         raise KeyError(f"no method {method!r} in the report; methods are {sorted(by_label)}")
     m = by_label[method]
-    rgt_label = random_gt or f"{RANDOM_GT_PREFIX} ({m.get('ensemble_of', method)})"
+    rgt_label = random_gt or random_gt_label(m)
     rgt = by_label.get(rgt_label)
     base = report["baseline"]
     disc = [t.name for t in targets.DISCRETE_TARGETS]
@@ -320,4 +326,4 @@ def probe_goal(report: Mapping, method: str, probe: Mapping, *, official: str | 
 
 
 __all__ = ["BASELINE_LABEL", "FAMILIES", "N_RESAMPLES", "RANDOM_GT_PREFIX", "ensemble_label", "goal",
-           "mean_predictor", "probe_goal", "score_runs"]
+           "mean_predictor", "probe_goal", "random_gt_label", "score_runs"]

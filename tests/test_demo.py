@@ -102,6 +102,11 @@ def test_seeds_plan_one_replicate_per_training_seed(tmp_path):
         ("renet_improved_random_gt0_fold1", None, 0), ("renet_improved_random_gt0_fold2", None, 0)]
     assert [demo.train_config(c, r).seed for r in runs] == [0, 0, 2, 2, 0, 0]
     assert runs[2].name == "RE-Net (improved) training seed 2, fold 1"
+    # The papers' per-fold tables take one run per method and fold: the first seed's.
+    assert demo.papers_runs(c, runs) == [runs[i] for i in (0, 1, 4, 5)]
+    c.seeds = (3, 0)
+    assert [r.workdir.name for r in demo.papers_runs(c, demo.plan(c, ["1"]))] == [
+        "renet_improved_seed3_fold1", "renet_improved_random_gt0_fold1"]
     assert [r.workdir for r in demo.plan(_config([f"--config.workdir={tmp_path}"]), ["1"])] == [
         r.workdir for r in demo.plan(_config([f"--config.workdir={tmp_path}", "--config.seeds=(0,)"]), ["1"])]
     with pytest.raises(ValueError, match="config.seeds"):

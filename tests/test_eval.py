@@ -162,6 +162,23 @@ def test_missing_workdir_is_a_clear_error(runs, tmp_path):
     assert done.returncode == 2 and "no training workdir" in done.stderr
 
 
+def test_pooled_scores_are_score_runs_tables(runs, tmp_path):
+    from adaparse_jax import scoring
+
+    out = tmp_path / "pooled"
+    done = subprocess.run([sys.executable, "eval.py", "--pooled", "--workdir", str(runs["root"] / "[AC]"),
+                           "--out", str(out), "--n-resamples", "99"], cwd=ROOT, env=runs["env"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    want = reporting.scores_markdown(scoring.score_runs([runs["A"], runs["C"]], n_resamples=99))
+    assert (out / "scores.md").read_text() == want and want in done.stdout
+    assert json.loads((out / "scores.json").read_text())["folds"] == ["1", "2"]
+    done = subprocess.run([sys.executable, "eval.py", "--pooled", "--workdir", str(runs["A"]), "--out",
+                           str(out), "--probe", str(tmp_path / "no_zoo")], cwd=ROOT, env=runs["env"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "no_zoo" in done.stderr
+
+
 def test_parse_reads_a_folder_as_the_evaluation_did(runs):
     sel = evaluation.evaluate_run(runs["A"])
     saved = evaluation.load_predictions(sel["predictions"])
