@@ -5,9 +5,10 @@ fold, and print the held-out tables with honest scoring.
     python -m adaparse_jax.demo --config configs/demo.py --config.workdir=runs/demo2
 
 What runs, where it goes and what the output means: configs/demo.py's docstring. The pieces are
-library calls: `zoo.build_zoo` (the zoo), `training.train` (one run per method, fold,
-training seed (`config.seeds`) and Random-G.T. seed, each in its own workdir, resumable), `evaluation.evaluate` (the papers'
-per-fold tables and confusion matrices), `scoring.score_runs` (pooled held-out scores, p-values).
+library calls: `zoo.build_zoo` (the zoo), `training.train` (one run per method, fold, training
+seed (`config.seeds`) and Random-G.T. seed, each in its own workdir, resumable),
+`evaluation.evaluate` (the papers' per-fold tables and confusion matrices), `scoring.score_runs`
+(pooled held-out scores, p-values, ensembles of training seeds).
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ def _train_child(out: str) -> None:
 
 
 def _run_child(kind: str, out: Path) -> None:
-    """Run `_child` or `_train_child` in a process whose CPU backend has DEVICES devices."""
+    """Run `_child` and/or `_train_child` (kind: 'steps', 'train' or 'steps,train') in one process
+    whose CPU backend has DEVICES devices."""
     env = dict(os.environ)
     flag = f"--xla_force_host_platform_device_count={DEVICES}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
@@ -186,9 +187,16 @@ def _run_child(kind: str, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def child_out(tmp_path_factory) -> Path:
+    """Both children's outputs, from one process (one JAX start-up and model compile fewer)."""
     out = tmp_path_factory.mktemp("parallel")
-    _run_child("steps", out)
+    _run_child("steps,train", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(child_out):
+    out = child_out
     with np.load(out / "runs.npz") as f:
         arrays = dict(f)
     return arrays, json.loads((out / "facts.json").read_text())
@@ -240,10 +248,8 @@ def test_sharded_run_equals_single_device_run(runs):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel_train")
-    _run_child("train", out)
-    return out
+def trained(child_out):
+    return child_out
 
 
 def _metrics(workdir: Path, prefix: str) -> dict[int, dict[str, float]]:
@@ -348,4 +354,5 @@ def test_more_devices_than_present_is_a_config_error():
 
 
 if __name__ == "__main__":
-    {"steps": _child, "train": _train_child}[sys.argv[1]](sys.argv[2])
+    for _kind in sys.argv[1].split(","):
+        {"steps": _child, "train": _train_child}[_kind](sys.argv[2])

@@ -117,7 +117,7 @@ def test_fused_steps_equal_single_steps(setup, unroll):
 
 
 def _fit(step, state, batch, steps=100):
-    state = _with_lr(state, 3e-3)  # a hundred steps: faster than the official 1e-4
+    state = _with_lr(state, 3e-3)  # a short run: faster than the official 1e-4
     history = []
     for _ in range(steps):
         state, m = step(state, batch)
@@ -145,8 +145,8 @@ def test_fixed_batch_is_fitted_and_gradients_stay_finite(setup):
     tx = training.make_optimizer(config)
     step = training.make_train_step(model, tx, loss_config=config.loss, donate=False)
     state = training.init_state(model, tx, jax.random.key(0), (32, 32, 3))
-    first, last = _fit(lambda st, b: step(st, b, *s["tables"]), state, s["batch"])
-    assert last < 0.05 * first, (first, last)  # measured with the per-channel spectral branch: 177.0 -> 0.03
+    first, last = _fit(lambda st, b: step(st, b, *s["tables"]), state, s["batch"], steps=40)
+    assert last < 0.05 * first, (first, last)  # 100 steps with the per-channel spectral branch: 177.0 -> 0.03
 
 
 def test_dropout_key_is_folded_in_per_step(setup):
