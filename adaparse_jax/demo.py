@@ -34,8 +34,9 @@ from adaparse_jax.zoo import settings as zoo_settings
 from adaparse_jax.zoo import worker as zoo_worker
 
 DEFAULT_CONFIG = Path(demo_config.__file__)  # configs/demo.py re-exports it
-# What `config.recipe_train.<recipe>` may set for that recipe's runs (train.optimizer.learning_rate, train.num_epochs).
-RECIPE_TRAIN_FIELDS = ("learning_rate", "num_epochs")
+# What `config.recipe_train.<recipe>` may set for that recipe's runs (train.optimizer.learning_rate,
+# train.num_epochs, and the training seeds of its methods in place of config.seeds).
+RECIPE_TRAIN_FIELDS = ("learning_rate", "num_epochs", "seeds")
 ZOO_DIR, CACHE_DIR, RUNS_DIR, RESULTS_DIR, XLA_CACHE_DIR = "zoo", "cache", "runs", "results", "xla_cache"
 log = logging.getLogger("adaparse_jax.demo")
 
@@ -111,15 +112,23 @@ def parse_method(spec: str) -> tuple[str, str]:
 def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
     """Every run of the demo, methods first (seed-major), then Random G.T. (fold-major within each).
 
-    config.seeds: the training seeds of the methods (one k-fold replicate each, scored also as
-    their ensemble, `scoring.score_runs`); () is config.train.seed alone. The run of seed
-    config.train.seed keeps the directory it has without seeds; the others are <stem>_seed<S>_fold<F>.
+    config.seeds (or, when not (), config.recipe_train.<recipe>.seeds for that recipe's methods): the
+    training seeds (one k-fold replicate each, scored also as their ensemble,
+    `scoring.score_runs`); () is config.train.seed alone. The run of seed config.train.seed keeps
+    the directory it has without seeds; the others are <stem>_seed<S>_fold<F>.
     """
     runs_dir = Path(config.workdir).resolve() / RUNS_DIR
     base_seed = int(config.train.seed)
-    seeds = [int(s) for s in config.seeds] or [base_seed]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"config.seeds: {tuple(config.seeds)} repeats a seed")
+
+    def seeds_of(recipe):
+        field = f"recipe_train.{recipe}.seeds"
+        given = tuple(config.recipe_train.get(recipe, {}).get("seeds", ()))
+        if not given:
+            field, given = "seeds", tuple(config.seeds)
+        seeds = [int(s) for s in given] or [base_seed]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"config.{field}: {tuple(given)} repeats a seed")
+        return seeds
 
     def stem(arch, recipe):  # official runs keep the names they had before recipes existed
         return arch if recipe == "official" else f"{arch}_{recipe}"
@@ -129,7 +138,7 @@ def plan(config: ml_collections.ConfigDict, folds: Sequence[str]) -> list[Run]:
 
     runs = [Run(arch, f, None, runs_dir / f"{stem(arch, recipe)}{seeded(s)}_fold{f}", recipe,
                 None if s == base_seed else s)
-            for arch, recipe in map(parse_method, config.methods) for s in seeds for f in folds]
+            for arch, recipe in map(parse_method, config.methods) for s in seeds_of(recipe) for f in folds]
     runs += [Run(arch, f, seed, runs_dir / f"{stem(arch, recipe)}_random_gt{seed}_fold{f}", recipe)
              for arch, recipe in map(parse_method, config.random_gt_methods)
              for seed in config.random_gt_seeds for f in folds]
@@ -179,6 +188,8 @@ def train_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.
                              f"may set here; expected some of {RECIPE_TRAIN_FIELDS}")
         if field == "learning_rate":
             t.optimizer.learning_rate = float(value)
+        elif field == "seeds":
+            continue  # `plan` made one run per seed; the run carries its seed
         else:
             t[field] = int(value)
     t.data.dataset = str(workdir / ZOO_DIR)

@@ -90,9 +90,9 @@ def get_config(arg=None):
     c.random_gt_methods = ("renet:improved",)  # also trained on Random G.T. labels
     # A recipe's runs' learning rate and epochs where they are not config.train's (chosen on the
     # development zoo, seed 1: docs/EXPERIMENTS.md); a recipe not listed uses train's. The improved
-    # recipe decays its rate (cosine) over its two epochs.
+    # recipe decays its rate (cosine) over its two epochs. seeds: its training seeds, () = c.seeds.
     c.recipe_train = ml_collections.ConfigDict(
-        {"improved": ml_collections.ConfigDict({"learning_rate": 3e-3, "num_epochs": 2})})
+        {"improved": ml_collections.ConfigDict({"learning_rate": 3e-3, "num_epochs": 2, "seeds": ()})})
     # Fields set on the runs of every recipe but 'official', after the recipe: a variant of the
     # recipe without editing it, as space-separated GROUP.FIELD=VALUE of config.train, each parsed
     # as `--config.GROUP.FIELD=VALUE` is on the command line (train.apply_overrides), e.g.

@@ -111,6 +111,15 @@ def test_seeds_plan_one_replicate_per_training_seed(tmp_path):
         r.workdir for r in demo.plan(_config([f"--config.workdir={tmp_path}", "--config.seeds=(0,)"]), ["1"])]
     with pytest.raises(ValueError, match="config.seeds"):
         demo.plan(_config([f"--config.workdir={tmp_path}", "--config.seeds=(1, 1)"]), ["1"])
+    # A recipe's own seeds: here the improved recipe's three, the official RE-Net's one.
+    c = _config([f"--config.workdir={tmp_path}", "--config.methods=('renet', 'renet:improved')",
+                 "--config.random_gt_methods=()", "--config.recipe_train.improved.seeds=(0, 1, 2)"])
+    assert [(r.recipe, r.seed) for r in demo.plan(c, ["1"])] == [
+        ("official", None), ("improved", None), ("improved", 1), ("improved", 2)]
+    assert demo.train_config(c, demo.plan(c, ["1"])[3]).seed == 2
+    c.recipe_train.improved.seeds = (2, 2)
+    with pytest.raises(ValueError, match=r"config.recipe_train.improved.seeds: \(2, 2\) repeats"):
+        demo.plan(c, ["1"])
 
 
 def test_recipe_overrides_make_a_variant_of_the_recipe_without_editing_it(tmp_path):
