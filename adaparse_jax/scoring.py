@@ -150,14 +150,16 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
     covered = None
     methods = []
     for label in sorted(groups, key=method_rank):
-        replicates, parts_of = [], {}
+        random_gt = label.startswith(RANDOM_GT_PREFIX)
+        replicates, parts_of = [], {}  # parts_of: each seed's folds, kept for the ensemble
         for key in sorted(groups[label]):
             runs = sorted(groups[label][key], key=lambda r: r["split"])
             if {r["dataset"] for r in runs} != {dataset.name}:
                 raise ValueError(f"runs of {label!r} use datasets {sorted({r['dataset'] for r in runs})}; "
                                  f"score one dataset at a time ({dataset.name})")
             parts = [(r["split"], evaluation.load_predictions(r["predictions"])) for r in runs]
-            parts_of[key] = (parts, runs)
+            if ensembles and not random_gt:
+                parts_of[key] = (parts, runs)
             held = pool(parts, [r["workdir"] for r in runs])
             gens = sorted(np.unique(held.generators).tolist())
             if covered is None:
@@ -172,10 +174,9 @@ def score_runs(workdirs: Sequence[str | os.PathLike], *, n_resamples: int = N_RE
             replicates.append({"key": key, "folds": sorted(r["split"] for r in runs),
                                "workdirs": [r["workdir"] for r in runs],
                                "selected_steps": [r["step"] for r in runs], **scores})
-        random_gt = label.startswith(RANDOM_GT_PREFIX)
         methods.append({"label": label, "random_gt": random_gt,
                         "replicates": replicates, **_summary(replicates)})
-        if ensembles and not random_gt and len(parts_of) > 1:
+        if len(parts_of) > 1:
             methods.append(_ensemble(label, parts_of, n_resamples=n_resamples, seed=seed))
     base = score_held_out(mean_predictor(dataset, baseline_runs), n_resamples=n_resamples, seed=seed,
                           with_pvalues=False)

@@ -312,6 +312,20 @@ def test_score_runs_on_real_runs(runs):
     assert "RE-Net, ensemble of 2**: 1 replicate(s) (seeds 0+1)" in reporting.scores_markdown(report)
     assert [m["label"] for m in scoring.score_runs([runs["A"], runs["C"], seed1["A"], seed1["C"]],
                                                    n_resamples=9, ensembles=False)["methods"]] == ["RE-Net"]
+    # Random G.T. seeds (each its own label permutation) are replicates, never an ensemble.
+    rgt = []
+    for k in ("A", "C"):
+        for s in (0, 1):
+            d = runs["root"] / f"{k}_random_gt{s}"
+            if not d.exists():
+                shutil.copytree(runs[k], d)
+                cfg = json.loads((d / "config.json").read_text())
+                cfg.update(random_gt=True, random_gt_seed=s)
+                (d / "config.json").write_text(json.dumps(cfg))
+            rgt.append(d)
+    report = scoring.score_runs([runs["A"], runs["C"], *rgt], n_resamples=9)
+    assert [(m["label"], len(m["replicates"])) for m in report["methods"]] == [
+        ("RE-Net", 1), ("Random G.T. (RE-Net)", 2)]
     # Run B repeats split 1 of the same method and seed: the folds of one replicate would overlap.
     with pytest.raises(ValueError, match="appear twice"):
         scoring.score_runs([runs["A"], runs["B"], runs["C"]], n_resamples=9)
