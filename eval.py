@@ -88,11 +88,8 @@ def pooled(args: argparse.Namespace) -> int:
         return 2
     files = reporting.write_scores(report, args.out)
     print(reporting.scores_markdown(report, probe=probe))
-    labels = {m["label"] for m in report["methods"]}
-    for m in report["methods"]:
-        if probe is not None and not m["random_gt"] and scoring.random_gt_label(m) in labels:
-            g = scoring.goal(report, m["label"], probe=probe, **scoring.DEMO_GOAL_B)
-            print("Goal (b): " + reporting.goal_markdown(g) + "\n")
+    for g in (scoring.goals_b(report, probe) if probe is not None else {}).values():
+        print("Goal (b): " + reporting.goal_markdown(g) + "\n")
     print(f"wrote {files['scores_md']} and {files['scores_json']}")
     return 0
 

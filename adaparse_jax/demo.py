@@ -315,16 +315,13 @@ def score(config: ml_collections.ConfigDict, runs: Sequence[Run], out: Path) -> 
     files = {**papers["files"], **reporting.write_scores(report, out)}
     if config.plots:
         files["scores_plot"] = str(reporting.plot_scores(report, out / "scores.png"))
-    labels = {m["label"] for m in report["methods"]}
     result = {"report": report, "goals": {}, "files": files, "probe": None, "probe_goals": {}}
     if config.probe:
         result["probe"] = zoo_probe.probe(zoo_dir(config), n_resamples=config.n_resamples)
         atomic.write_text(out / "probe.json", json.dumps(result["probe"], indent=1))
         files["probe"] = str(out / "probe.json")
         result["probe_goals"] = probe_goals(report, result["probe"])
-    result["goals"] = {m["label"]: scoring.goal(report, m["label"], probe=result["probe"], **scoring.DEMO_GOAL_B)
-                       for m in report["methods"]
-                       if not m["random_gt"] and scoring.random_gt_label(m) in labels}
+    result["goals"] = scoring.goals_b(report, result["probe"])
     return result
 
 
@@ -336,7 +333,7 @@ def probe_goals(report: Mapping, probe: Mapping) -> dict:
     for m in report["methods"]:
         if m["random_gt"]:
             continue
-        official = m["label"].split(" (")[0].split(",")[0]
+        official = m.get("ensemble_of", m["label"]).split(" (")[0]
         rgt = scoring.random_gt_label(m)
         goals[m["label"]] = scoring.probe_goal(
             report, m["label"], probe, official=official if official in labels else None,

@@ -278,6 +278,14 @@ DEMO_GOAL_B = {"margin": 0.10, "alpha": 0.01, "min_significant": 3, "with_counts
                "min_probe_reached": 3}
 
 
+def goals_b(report: Mapping, probe: Mapping | None) -> dict:
+    """Goal (b) (`goal` with `DEMO_GOAL_B`) of every method trained on true labels whose Random
+    G.T. row (`random_gt_label`) is in the report, by label."""
+    labels = {m["label"] for m in report["methods"]}
+    return {m["label"]: goal(report, m["label"], probe=probe, **DEMO_GOAL_B) for m in report["methods"]
+            if not m["random_gt"] and random_gt_label(m) in labels}
+
+
 def probe_goal(report: Mapping, method: str, probe: Mapping, *, official: str | None,
                random_gt: str | None, alpha: float = 0.01, min_upsampling: float = 0.85) -> dict:
     """The learning goal of the demo zoo (generator level, pooled held-out), for one method:
@@ -327,4 +335,4 @@ def probe_goal(report: Mapping, method: str, probe: Mapping, *, official: str | 
 
 
 __all__ = ["BASELINE_LABEL", "FAMILIES", "N_RESAMPLES", "RANDOM_GT_PREFIX", "ensemble_label", "goal",
-           "mean_predictor", "probe_goal", "random_gt_label", "score_runs"]
+           "goals_b", "mean_predictor", "probe_goal", "random_gt_label", "score_runs"]
