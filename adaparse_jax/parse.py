@@ -2,6 +2,7 @@
 
     python -m adaparse_jax.parse --workdir runs/re116_s1 --folder suspicious/ --out parsed.json
     python -m adaparse_jax.parse --workdir runs/re116_s1 a.png b.jpg --format md
+    python -m adaparse_jax.parse --workdir RUN_SEED0 --workdir RUN_SEED1 --folder x/   # an ensemble
 
     from adaparse_jax import parse
     report = parse.parse("runs/re116_s1", folder="suspicious/")    # or parse.parse(W, ["a.png", array])
@@ -28,6 +29,11 @@ The report (`parse(...)`, JSON-able; `--format md` renders it as Markdown tables
              ("vote", ties to the lower class id, with the "votes" per class)
   skipped    [{"path", "reason"}]
   plus the run, checkpoint step, and where the class names came from ("class_names").
+
+An ensemble (several --workdir, e.g. one fold trained with several seeds): per image the mean of
+the members' official outputs, then the same report; "workdir", "step" and "arch" are lists, one
+entry per member, and "ensemble_of" counts them. The members must read the same image size and
+their datasets name the same classes and count ranges.
 
 Probabilities: the official model gives every class its own sigmoid, so its outputs do not sum to
 one (a flag may read "used" at 0.06 against 0.01). "probs" divides them by their sum, per target;
@@ -336,25 +342,61 @@ def build_report(outputs: Mapping, names: Sequence, vocab: Vocabulary) -> dict:
     return {"images": images, "set": whole}
 
 
-def parse(workdir: str | os.PathLike, images: Sequence | None = None, *, folder=None,
-          step: int | None = None, batch_size: int = 64, allow_untrained: bool = False) -> dict:
+def open_runs(workdirs: Sequence, step: int | None = None, *,
+              allow_untrained: bool = False) -> tuple[list, Vocabulary, str]:
+    """(runs, vocabulary, warnings) of one run or an ensemble's members, which must read the same
+    input size and name the same classes and count ranges (else ParseError naming the member)."""
+    if not workdirs:
+        raise ParseError("no workdir given")
+    if step is not None and len(workdirs) > 1:
+        raise ParseError(f"a checkpoint step ({step}) applies to one run; an ensemble of "
+                         f"{len(workdirs)} runs uses each run's selected checkpoint")
+    opened = [open_run(w, step, allow_untrained=allow_untrained) for w in workdirs]
+    runs = [run for run, _ in opened]
+    first, vocab = runs[0], run_vocabulary(runs[0])
+    for run in runs[1:]:
+        if run.spec.image_size != first.spec.image_size:
+            raise ParseError(f"{run.workdir} reads {run.spec.image_size} px images, {first.workdir} "
+                             f"{first.spec.image_size} px: an ensemble's members must read the same size")
+        other = run_vocabulary(run)
+        if (other.class_names, other.count_ranges) != (vocab.class_names, vocab.count_ranges):
+            raise ParseError(f"{run.workdir}'s dataset names other classes or count ranges than "
+                             f"{first.workdir}'s: an ensemble's members must parse into the same words")
+    warnings = "; ".join(f"{run.workdir}: {w}" if len(runs) > 1 else w
+                         for run, (_, w) in zip(runs, opened) if w)
+    return runs, vocab, warnings
+
+
+def parse(workdir: str | os.PathLike | Sequence[str | os.PathLike], images: Sequence | None = None, *,
+          folder=None, step: int | None = None, batch_size: int = 64,
+          allow_untrained: bool = False) -> dict:
     """Parse images with the run in `workdir` (see the module docstring for the report's keys).
 
     Args:
-      workdir: a training run's workdir (or one written by `python -m adaparse_jax.convert`).
+      workdir: a training run's workdir (or one written by `python -m adaparse_jax.convert`), or
+        a list of them: an ensemble (e.g. one fold trained with several seeds, the demo's
+        `config.seeds`), whose outputs are per image the mean of its members' official outputs,
+        the rule `evaluation.ensemble_predictions` scores ensembles by. The report's "workdir",
+        "step" and "arch" are then lists, one entry per member, and "ensemble_of" counts them.
       images: file paths, uint8 [H, W, 3] arrays or PIL images; or
       folder: a folder of images (recursive).
-      step: checkpoint step (default: the run's selected checkpoint).
+      step: checkpoint step (default: the run's selected checkpoint); one run only.
       batch_size: images per forward pass.
       allow_untrained: parse with a checkpoint that records untrained parts (see `convert`).
     """
-    run, warning = open_run(workdir, step, allow_untrained=allow_untrained)
-    pixels, names, skipped = read_images(images, folder, run.spec.image_size)
-    vocab = run_vocabulary(run)
-    report = {"workdir": str(run.workdir), "step": run.step, "arch": run.config.model.arch,
-              "class_names": vocab.source,
-              **build_report(predict_pixels(run, pixels, batch_size), names, vocab),
-              "skipped": skipped}
+    workdirs = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir)
+    runs, vocab, warning = open_runs(workdirs, step, allow_untrained=allow_untrained)
+    pixels, names, skipped = read_images(images, folder, runs[0].spec.image_size)
+    outputs = [predict_pixels(run, pixels, batch_size) for run in runs]
+    mean = {"continuous": np.mean([o["continuous"] for o in outputs], axis=0, dtype=np.float64),
+            "probs": {k: np.mean([o["probs"][k] for o in outputs], axis=0, dtype=np.float64)
+                      for k in outputs[0]["probs"]}}
+    if len(runs) == 1:
+        about = {"workdir": str(runs[0].workdir), "step": runs[0].step, "arch": runs[0].config.model.arch}
+    else:
+        about = {"workdir": [str(r.workdir) for r in runs], "step": [r.step for r in runs],
+                 "arch": [r.config.model.arch for r in runs], "ensemble_of": len(runs)}
+    report = {**about, "class_names": vocab.source, **build_report(mean, names, vocab), "skipped": skipped}
     if warning:
         report["warning"] = warning
     return report
@@ -376,8 +418,14 @@ def _fmt_count(entry: Mapping) -> str:
 def markdown(report: Mapping) -> str:
     """The report as Markdown: the whole set, then every image, then the skipped files."""
     s = report["set"]
-    lines = [f"# Parsed {s['num_images']} images with {report['workdir']} "
-             f"(checkpoint step {report['step']}, {report['arch']})", ""]
+    if "ensemble_of" in report:
+        members = ", ".join(f"{w} (step {st}, {a})" for w, st, a in
+                            zip(report["workdir"], report["step"], report["arch"]))
+        lines = [f"# Parsed {s['num_images']} images with an ensemble of {report['ensemble_of']} runs", "",
+                 f"Members (the mean of their outputs): {members}.", ""]
+    else:
+        lines = [f"# Parsed {s['num_images']} images with {report['workdir']} "
+                 f"(checkpoint step {report['step']}, {report['arch']})", ""]
     if report.get("warning"):
         lines += [f"**Warning: {report['warning']}**", ""]
     lines += [f"Class names: {report['class_names']}.", "",
@@ -417,14 +465,16 @@ def markdown(report: Mapping) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "python -m adaparse_jax.parse") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="a training run's workdir")
+    p.add_argument("--workdir", required=True, action="append",
+                   help="a training run's workdir; repeat it for an ensemble (the mean of the runs' outputs)")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--images", dest="images_flag", nargs="+", help=argparse.SUPPRESS)  # predict's form
     p.add_argument("--folder", help="a folder of images (recursive)")
     p.add_argument("--out", help="write the report here (default: stdout)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="json or md (default: from --out's suffix, else json)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the selected one)")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step (default: the selected one; one --workdir only)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--allow-untrained", "--allow_untrained", action="store_true",
                    help="parse with a checkpoint that records untrained parts (a converted RE-Net FEN)")

@@ -10,11 +10,11 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from parse_runs import COUNT_RANGES, write_tiny_run
+from parse_runs import COUNT_RANGES, init_variables, tiny_config, write_tiny_run
 from PIL import Image
 
 import adaparse_jax
-from adaparse_jax import parse, predict, targets
+from adaparse_jax import convert, parse, predict, targets
 from adaparse_jax.zoo import schema
 
 
@@ -140,6 +140,39 @@ def test_cli_json_markdown_and_the_predict_alias(run_dir, folder, tmp_path, caps
     text = md.read_text()
     assert "## Whole set" in text and "| Up-sampling type |" in text
     assert files[0] in text and "transposed_conv" in text or "resize_conv" in text
+
+
+def test_an_ensemble_is_the_mean_of_its_members_outputs(run_dir, folder, report, tmp_path_factory, capsys):
+    other = write_tiny_run(tmp_path_factory.mktemp("parse_member"), "renet", manifest=True, seed=1)
+    single = parse.parse(other, folder=folder)
+    both = parse.parse([run_dir, other], folder=folder)
+    assert both["ensemble_of"] == 2 and both["arch"] == ["adaparse", "renet"] and both["step"] == [0, 0]
+    assert both["workdir"] == [report["workdir"], single["workdir"]]
+    assert both["skipped"] == report["skipped"]
+    for r, a, b in zip(both["images"], report["images"], single["images"], strict=True):
+        assert r["image"] == a["image"] == b["image"]
+        for family, ts in parse._FAMILIES:
+            for t in ts:
+                raw = (np.asarray(list(a[family][t.name]["raw"].values()))
+                       + np.asarray(list(b[family][t.name]["raw"].values()))) / 2
+                e = r[family][t.name]
+                np.testing.assert_allclose(list(e["raw"].values()), raw, atol=2e-6)
+                np.testing.assert_allclose(list(e["probs"].values()), raw / raw.sum(), atol=2e-6)
+                assert e["class_id"] == int(np.argmax(raw))
+        for t in targets.CONTINUOUS_TARGETS:
+            mean = (a["continuous"][t.name]["normalised"] + b["continuous"][t.name]["normalised"]) / 2
+            assert r["continuous"][t.name]["normalised"] == pytest.approx(mean, abs=2e-6)
+    argv = ["--workdir", str(run_dir), "--workdir", str(other), "--folder", str(folder)]
+    assert parse.main(argv + ["--format", "md"]) == 0
+    text = capsys.readouterr().out
+    assert "with an ensemble of 2 runs" in text and f"{single['workdir']} (step 0, renet)" in text
+    _fails(capsys, argv + ["--step", "0"], "applies to one run")
+    config = tiny_config("renet")  # a member that reads another image size
+    config.model.image_size = 16
+    config.data.dataset, config.data.cache = str(run_dir.parent / "dataset"), str(run_dir.parent / "cache")
+    small = convert.write_run(config, init_variables(config), tmp_path_factory.mktemp("small") / "run")
+    _fails(capsys, ["--workdir", str(run_dir), "--workdir", str(small), "--folder", str(folder)],
+           "reads 16 px images", "the same size")
 
 
 def test_dataset_without_class_names_gives_ids_and_says_so(tmp_path):
