@@ -17,6 +17,26 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
     atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
+# The tests compile at XLA's CPU backend optimisation level 0 (LLVM's -O0 for the generated
+# loops; the HLO passes, and so the program, are the same). Most tests run tiny models once, so
+# compiling is most of their time. Results agree with the default level to float32 rounding, not
+# bit for bit (a tiny AdaParse's training loss and gradients: about 1e-7 relative), and every
+# comparison inside the suite is between programs compiled alike. The product compiles at the
+# default level (3); XLA_FLAGS=--xla_backend_optimization_level=3 tests at it. Spawned
+# processes inherit the flag (train.py runs, multi-device children); the zoo's workers set their
+# own XLA_FLAGS (`zoo.settings.WORKER_ENV`).
+O0_FLAG = "--xla_backend_optimization_level=0"
+if "PYTEST_XDIST_WORKER" not in os.environ and "xla_backend_optimization_level" not in os.environ.get(
+        "XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {O0_FLAG}".strip()
+
+
+def default_level_env() -> dict[str, str]:
+    """This process's environment without the tests' optimisation-level flag: for a subprocess
+    whose time is compute, not compiling (the full-size AdaParse parity run in float64 took 2.6x as long at -O0)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != O0_FLAG]
+    return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
 
 def skip_or_fail(reason: str) -> None:
     """Skip a test whose inputs are missing; under CI (CI=true) fail instead, so a CI run that lost

@@ -2,13 +2,15 @@
 
 import json
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import skip_or_fail
+from conftest import default_level_env, skip_or_fail
 
 from adaparse_jax import convert, models, parity, targets
 
@@ -234,11 +236,14 @@ def test_parity_detects_a_wrong_reference(shared_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_adaparse_parity_passes(shared_dir, capsys):
-    """Full-size AdaParse on CPU: about a minute (float32, then float64 for the allowance)."""
+def test_adaparse_parity_passes(shared_dir):
+    """Full-size AdaParse on CPU: about a minute (float32, then float64 for the allowance), as the
+    command line in a process compiled at XLA's default level (conftest.default_level_env)."""
     path = parity_file(shared_dir, "adaparse_parity_seed1000.npz")
-    assert parity.main([str(path)]) == 0
-    out = capsys.readouterr().out
+    done = subprocess.run([sys.executable, "-m", "adaparse_jax.parity", str(path)], env=default_level_env(),
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
     with np.load(path) as z:
         outputs = [k for k in z.files if k.startswith(("eval/", "trainbn/"))]
     assert len(outputs) == 79 and all(k in out for k in outputs)

@@ -83,9 +83,11 @@ def runs(tmp_path_factory) -> dict:
               f"--config.data.cache={root / 'cache'}", "--config.progress=False",
               "--config.num_epochs=1", "--config.checkpoint_every_steps=3",
               "--config.keep_checkpoints=1", "--config.log_every_steps=1", "--config.tensorboard=False"]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", training.DISTRIBUTED_ENV)}
+    env = {k: v for k, v in os.environ.items() if k != training.DISTRIBUTED_ENV}
+    # The session's XLA flags (conftest.py) without any device count: one CPU device per process.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env["JAX_PLATFORMS"] = "cpu"
-    one_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    one_env = dict(env, XLA_FLAGS=f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=2".strip())
     port = _free_port()
     procs = {}
     for i in range(2):
