@@ -286,6 +286,16 @@ def goals_b(report: Mapping, probe: Mapping | None) -> dict:
             if not m["random_gt"] and random_gt_label(m) in labels}
 
 
+def compared(a: float, op: str, b: float, digits: int = 3) -> str:
+    """'a OP b' at `digits` decimals, or more (up to 6) where those would print two different
+    values as one (0.8827 < 0.8833 reads '0.8827 < 0.8833', not '0.883 < 0.883')."""
+    for d in range(digits, 7):
+        left, right = f"{a:.{d}f}", f"{b:.{d}f}"
+        if left != right:
+            break
+    return f"{left} {op} {right}"
+
+
 def probe_goal(report: Mapping, method: str, probe: Mapping, *, official: str | None,
                random_gt: str | None, alpha: float = 0.01, min_upsampling: float = 0.85) -> dict:
     """The learning goal of the demo zoo (generator level, pooled held-out), for one method:
@@ -320,11 +330,12 @@ def probe_goal(report: Mapping, method: str, probe: Mapping, *, official: str | 
     }
     out["why"] = {
         "probe": "below the spectral probe on " + ", ".join(
-            f"{n} ({f1[n]:.3f} < {probe[n]['f1']:.3f})" for n in below),
-        "upsampling": f"up-sampling {out['upsampling']:.3f} < {min_upsampling}",
-        "random_gt": (f"discrete {out['discrete_f1']:.3f} <= {out['random_gt_discrete_f1']:.3f} "
+            f"{n} ({compared(f1[n], '<', probe[n]['f1'])})" for n in below),
+        "upsampling": f"up-sampling {compared(out['upsampling'], '<', min_upsampling)}",
+        "random_gt": (f"discrete {compared(out['discrete_f1'], '<=', out['random_gt_discrete_f1'])} "
                       f"for {random_gt}" if random_gt else "no Random G.T. runs of this recipe"),
-        "groups": f"loss groups {out['groups_f1']:.3f} < {out['official_groups_f1']:.3f} for {official}",
+        "groups": (f"loss groups {compared(out['groups_f1'], '<', out['official_groups_f1'])} "
+                   f"for {official}"),
     }
     out["met"] = all(out["checks"].values())
     return out

@@ -9,11 +9,15 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from adaparse_jax import demo, models, reporting, scoring, targets
 from adaparse_jax import train as training
 from adaparse_jax.data import re116, synthetic
+from adaparse_jax.diagnose import fingerprints
+from adaparse_jax.diagnose import main as diagnose_main
+from adaparse_jax.zoo import probe as zoo_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.py"
@@ -230,6 +234,30 @@ def test_run_demo_end_to_end_on_a_micro_setting(tmp_path, monkeypatch):
     for key in ("tables", "scores_md", "scores_plot"):
         assert Path(files[key]).is_file(), key
     assert json.loads((tmp_path / demo.RESULTS_DIR / "demo.json").read_text())["zoo"]["settings_hash"] == "synthetic"
+
+    # The probe of the runs' fingerprints: each fold's generators through the run that held it out.
+    zoo = tmp_path / demo.ZOO_DIR
+    official = [r.workdir for r in runs if r.random_gt_seed is None]
+    by_fold = fingerprints.runs_by_fold(official)
+    features = fingerprints.run_features(by_fold, zoo, dataset.names, ["upsampling"])["upsampling"]
+    for fold, run in by_fold.items():
+        name = dataset.names[0]
+        fps = run.apply(run.variables, zoo_probe.load_images(zoo, name))["fingerprints"]
+        direct = zoo_probe.spectral_features(np.asarray(fps[:, 0], np.float32))
+        np.testing.assert_allclose(features[fold][name], direct, rtol=1e-4, atol=1e-4)
+    assert sorted(by_fold) == ["1", "2"]
+    assert diagnose_main(["--zoo", str(zoo), "--runs", *map(str, official), "--n-resamples", "99",
+                          "--out", str(tmp_path / "fp")]) == 0
+    saved = json.loads((tmp_path / "fp" / fingerprints.JSON).read_text())
+    again = zoo_probe.probe(zoo, ["upsampling"], n_resamples=99, features={"upsampling": features})
+    assert saved["fingerprints"]["upsampling"]["f1"] == again["upsampling"]["f1"]
+    assert saved["images"]["upsampling"] == zoo_probe.probe(zoo, ["upsampling"], n_resamples=99)["upsampling"]
+    assert all(r["generators"] == 6 for r in saved["fingerprints"].values())
+    with pytest.raises(ValueError, match=r"no run holds out fold\(s\) \['2'\]"):
+        fingerprints.held_out_fingerprints(zoo, official[:1], n_resamples=99)
+    random_gt_fold1 = next(r.workdir for r in runs if r.random_gt_seed is not None and r.fold == "1")
+    with pytest.raises(ValueError, match="both hold out fold 1"):
+        fingerprints.runs_by_fold([official[0], random_gt_fold1])
 
     # A rerun trains nothing: same checkpoints, same metrics, same scores.
     lines = {r.workdir: (r.workdir / training.METRICS_JSONL).read_text() for r in runs}

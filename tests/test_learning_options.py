@@ -463,6 +463,12 @@ def test_probe_goal_checks_each_criterion():
     g = scoring.probe_goal(report, "A (improved)", probe, official="A",
                            random_gt="Random G.T. (A (improved))")
     assert g["below_probe"] == ["upsampling"] and not g["met"]
+    probe["upsampling"]["f1"] = 0.9204  # prints as 0.920 like the method's 0.9196: more digits
+    report["methods"][1]["targets"]["upsampling"]["f1_generator"] = 0.9196
+    g = scoring.probe_goal(report, "A (improved)", probe, official="A",
+                           random_gt="Random G.T. (A (improved))")
+    assert "upsampling (0.9196 < 0.9204)" in reporting.probe_goal_line(g)
+    assert scoring.compared(0.5, "<", 0.85) == "0.500 < 0.850"
 
 
 def test_parsing_network_without_a_spectral_branch_refuses_spectrum_heads():

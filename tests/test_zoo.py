@@ -503,6 +503,24 @@ def test_probe_pools_held_out_decisions_of_every_fold():
     assert decided[0] == 1
 
 
+def test_probe_decides_by_mean_probability_or_by_vote():
+    """A generator whose three images lean weakly to class 0 and two strongly to class 1: the mean
+    probability says 1, the majority vote of the images' argmaxes says 0; per-image F1 scores the
+    argmaxes."""
+    rng = np.random.default_rng(0)
+    names = [f"G{i:02d}" for i in range(12)]
+    labels = {n: i % 2 for i, n in enumerate(names)}
+    features = {n: rng.normal(labels[n] * 6.0 - 3.0, 0.3, size=(5, 1)) for n in names}
+    features["G01"] = np.array([[-0.3], [-0.3], [-0.3], [4.0], [4.0]])  # label 1
+    folds = {"1": names[:6], "2": names[6:]}
+    held = probe.held_out_predictions({f: features for f in folds}, labels, folds, 2)
+    assert held.truth == [labels[n] for n in names]
+    assert held.mean[1] == 1 and held.vote[1] == 0
+    assert held.images[1].tolist() == [0, 0, 0, 1, 1]
+    assert held.mean[:1] + held.mean[2:] == held.vote[:1] + held.vote[2:] == held.truth[:1] + held.truth[2:]
+    assert probe.held_out_decisions(features, labels, folds) == (held.truth, held.mean)
+
+
 def test_spectral_features_see_a_periodic_pattern():
     flat = np.full((2, 32, 32, 3), 128, np.uint8)
     checker = flat.copy()
@@ -553,7 +571,12 @@ def test_cli_probe_prints_the_table_and_names_an_unknown_attribute(tiny_zoo, cap
     main(["probe", "--zoo", str(root), "--attributes", "upsampling", "--n-resamples", "99"])
     table = capsys.readouterr().out
     expected = probe.probe(root, ["upsampling"], n_resamples=99)["upsampling"]
-    assert f"| Up-sampling type | {expected['f1']:.3f} | {expected['p']:.4f} |" in table
+    assert (f"| Up-sampling type | {expected['f1']:.3f} | {expected['p']:.4f} | {expected['chance']:.3f} "
+            f"| 24 | {expected['f1_image']:.3f} |") in table
+    main(["probe", "--zoo", str(root), "--attributes", "upsampling", "--decide", "vote", "--n-resamples", "99"])
+    voted = probe.probe(root, ["upsampling"], n_resamples=99, decide="vote")["upsampling"]
+    assert f"| Up-sampling type | {voted['f1']:.3f} | {voted['p']:.4f} |" in capsys.readouterr().out
+    assert voted["f1_image"] == expected["f1_image"]  # per image: no generator decision
     main(["probe", "--zoo", str(root), "--attributes", "loss_group2", "--channels", "rgb", "--n-resamples", "99"])
     table = capsys.readouterr().out
     expected = probe.probe(root, ["loss_group2"], n_resamples=99, channels="rgb")["loss_group2"]

@@ -4,6 +4,8 @@
   python -m adaparse_jax.diagnose --workdir RUN --step 300 --images 128 --out DIR
   python -m adaparse_jax.diagnose --config configs/tiny.py:zoo --dataset runs/zoo --out runs/diag0 \\
       --config.loss.constraint_scale=0.01              # a fresh initialisation, no training
+  python -m adaparse_jax.diagnose --zoo runs/demo/zoo --runs 'runs/demo/runs/renet_improved_fold*'
+                                                       # k-fold runs' fingerprints, held out
 
 On a fixed, seeded sample of the run's training images (`--images`, drawn from the training
 generators of its split, in batches of the run's batch size), with the run's labels (Random G.T.
@@ -35,12 +37,20 @@ Writes DIR/diagnose.md and DIR/diagnose.json (default DIR: <workdir>/diagnose, o
 <workdir>/diagnose_step<N> with --step) and prints the Markdown. The checkpoint defaults to the
 run's selected one (`checkpointing.selected_step`, as `runs.load` uses).
 
+With `--zoo ZOO --runs RUN...` (one run per fold of the zoo, e.g. a method's runs in `make demo`)
+it reports instead the zoo's spectral probe on held-out generators twice, on the images and on
+the fingerprints each fold's run makes of them (`fingerprints.held_out_fingerprints`: generator-
+and image-level macro F1 per attribute; `--channels rgb`, `--decide vote`; `--out DIR` writes
+DIR/fingerprints.md and .json): whether the FEN keeps what the images carry.
+
 Modules: `subject` (the run or fresh initialisation, the sample), `gradients` (1, 2), `activations`
-(3), `probe` (4), `report` (`diagnose`, Markdown, JSON), `cli` (`main`).
+(3), `probe` (4), `report` (`diagnose`, Markdown, JSON), `fingerprints` (the held-out probe of
+k-fold runs), `cli` (`main`).
 """
 
 from adaparse_jax.diagnose.activations import HEAD_LAYERS, RELU_LAYERS, activation_pass
 from adaparse_jax.diagnose.cli import main
+from adaparse_jax.diagnose.fingerprints import held_out_fingerprints, run_features, runs_by_fold
 from adaparse_jax.diagnose.gradients import (
                                              ALL,
                                              CONSTRAINTS,
@@ -69,6 +79,6 @@ __all__ = [
     "ALL", "CONSTRAINTS", "CROSS_ENTROPIES", "HEAD_LAYERS", "JSON", "MARKDOWN", "PARAM_GROUPS",
     "PROBE_FOLDS", "RELU_LAYERS", "TOTAL", "DiagnoseError", "Subject", "activation_pass",
     "adam_moments", "adam_step_ratio", "batches_of", "diagnose", "fingerprint_probe", "group_names",
-    "group_norms", "group_of", "initialise", "load_checkpoint", "main", "markdown", "probe_f1",
-    "probe_folds", "sample_records", "term_gradients", "write_report",
+    "group_norms", "group_of", "held_out_fingerprints", "initialise", "load_checkpoint", "main", "markdown", "probe_f1",
+    "probe_folds", "run_features", "runs_by_fold", "sample_records", "term_gradients", "write_report",
 ]

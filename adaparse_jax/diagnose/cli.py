@@ -6,12 +6,16 @@ Command line of `python -m adaparse_jax.diagnose` (the package docstring describ
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from adaparse_jax import spectral, stats
+from adaparse_jax.diagnose import fingerprints
 from adaparse_jax.diagnose.report import diagnose, markdown, write_report
 from adaparse_jax.diagnose.subject import DiagnoseError, initialise, load_checkpoint
+from adaparse_jax.zoo import probe as zoo_probe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +27,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training run directory: diagnose its checkpoint")
     src.add_argument("--config", help="CONFIG_FILE[:arg]: diagnose a fresh initialisation")
+    src.add_argument("--zoo", help="a zoo: probe the fingerprints of its k-fold --runs on held-out "
+                                   "generators beside its images (`diagnose.fingerprints`)")
+    p.add_argument("--runs", nargs="+", default=(),
+                   help="with --zoo: one run per fold trained on it (workdirs or glob patterns)")
+    p.add_argument("--channels", default="mean", choices=spectral.CHANNELS,
+                   help="with --zoo: features of the channel mean (default) or of each colour channel")
+    p.add_argument("--decide", default="mean", choices=zoo_probe.DECISIONS,
+                   help="with --zoo: a held-out generator's class by its images' mean probability "
+                        "(default) or the majority vote of their argmaxes")
+    p.add_argument("--n-resamples", type=int, default=stats.N_RESAMPLES,
+                   help="with --zoo: label permutations for the p-values")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step (default: the run's selected checkpoint)")
     p.add_argument("--dataset", default=None,
@@ -37,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if unknown:
             raise DiagnoseError(f"unrecognised arguments: {' '.join(unknown)}")
+        if args.zoo is not None:
+            return _fingerprints(args, overrides)
+        if args.runs:
+            raise DiagnoseError("--runs goes with --zoo")
         if args.workdir is not None:
             if overrides or args.dataset:
                 raise DiagnoseError("--config.<field> overrides and --dataset go with --config, "
@@ -65,4 +84,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = write_report(report, out)
     print(markdown(report))
     print(f"wrote {files['markdown']} and {files['json']}")
+    return 0
+
+
+def _fingerprints(args, overrides) -> int:
+    if overrides or args.step is not None or args.dataset:
+        raise DiagnoseError("--config.<field> overrides, --step and --dataset do not go with --zoo")
+    if not args.runs:
+        raise DiagnoseError("--zoo needs --runs: the k-fold runs trained on it")
+    result = fingerprints.held_out_fingerprints(args.zoo, args.runs, channels=args.channels,
+                                                decide=args.decide, n_resamples=args.n_resamples,
+                                                seed=args.seed)
+    text = fingerprints.markdown(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / fingerprints.MARKDOWN).write_text(text + "\n")
+        (out / fingerprints.JSON).write_text(json.dumps(result, indent=1))
+        print(f"wrote {out / fingerprints.MARKDOWN} and {out / fingerprints.JSON}")
     return 0

@@ -1,5 +1,6 @@
 """CLI: python -m adaparse_jax.zoo build --size tiny|demo|bench --out DIR [options]
-     python -m adaparse_jax.zoo probe --zoo DIR [--attributes a,b] [--channels rgb]   (adaparse_jax.zoo.probe)."""
+     python -m adaparse_jax.zoo probe --zoo DIR [--attributes a,b] [--channels rgb] [--decide vote]
+         (adaparse_jax.zoo.probe)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import time
 
 from adaparse_jax import spectral
+from adaparse_jax.zoo import probe
 from adaparse_jax.zoo.build import build_zoo
 from adaparse_jax.zoo.settings import SIZES, zoo_config
 
@@ -35,15 +37,16 @@ def main(argv=None) -> None:
                          "discrete attributes)")
     pr.add_argument("--channels", default="mean", choices=spectral.CHANNELS,
                     help="features of the channel-mean (gray) image (default) or of each colour channel")
+    pr.add_argument("--decide", default="mean", choices=probe.DECISIONS,
+                    help="a held-out generator's class: the argmax of its images' mean probability "
+                         "(default) or the majority vote of their argmaxes (the parsing networks' rule)")
     pr.add_argument("--n-resamples", type=int, default=None,
                     help="label permutations for p-values (default: stats.N_RESAMPLES)")
     args = parser.parse_args(argv)
 
     if args.command == "probe":
-        from adaparse_jax.zoo import probe
-
         attributes = args.attributes.split(",") if args.attributes else None
-        options = {"channels": args.channels}
+        options = {"channels": args.channels, "decide": args.decide}
         if args.n_resamples is not None:
             options["n_resamples"] = args.n_resamples
         print(probe.markdown(probe.probe(args.zoo, attributes, **options)))
