@@ -87,7 +87,7 @@ def held_out_predictions(features: Mapping[str, Mapping[str, np.ndarray]], label
     predicts the images of its held-out generators.
 
     features: per fold, {generator: [N, F]} (the same mapping for every fold when the features do
-    not depend on the fold; a run's fingerprints do: `run_features`)."""
+    not depend on the fold; a run's fingerprints do: `diagnose.fingerprints.run_features`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
