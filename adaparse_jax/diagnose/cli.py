@@ -6,7 +6,6 @@ Command line of `python -m adaparse_jax.diagnose` (the package docstring describ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,12 +94,9 @@ def _fingerprints(args, overrides) -> int:
     result = fingerprints.held_out_fingerprints(args.zoo, args.runs, channels=args.channels,
                                                 decide=args.decide, n_resamples=args.n_resamples,
                                                 seed=args.seed)
-    text = fingerprints.markdown(result)
-    print(text)
+    print(fingerprints.markdown(result))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / fingerprints.MARKDOWN).write_text(text + "\n")
-        (out / fingerprints.JSON).write_text(json.dumps(result, indent=1))
-        print(f"wrote {out / fingerprints.MARKDOWN} and {out / fingerprints.JSON}")
+        files = write_report(result, args.out, render=fingerprints.markdown,
+                             names=(fingerprints.MARKDOWN, fingerprints.JSON))
+        print(f"wrote {files['markdown']} and {files['json']}")
     return 0

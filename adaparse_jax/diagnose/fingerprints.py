@@ -75,7 +75,8 @@ def held_out_fingerprints(root: str | os.PathLike, runs: Sequence[str | os.PathL
     ones), on the same folds, decisions and permutations."""
     root = os.fspath(root)
     by_fold = runs_by_fold(runs)
-    folds = load_dataset(root).test_splits
+    dataset = load_dataset(root)
+    folds = dataset.test_splits
     missing = sorted(set(folds) - set(by_fold))
     extra = sorted(set(by_fold) - set(folds))
     if missing or extra:
@@ -85,9 +86,8 @@ def held_out_fingerprints(root: str | os.PathLike, runs: Sequence[str | os.PathL
     attributes = list(attributes or [t.name for t in targets.DISCRETE_TARGETS])
     common = dict(n_resamples=n_resamples, seed=seed, channels=channels, decide=decide)
     images = zoo_probe.probe(root, attributes, **common)
-    names = load_dataset(root).names
     fingerprints = zoo_probe.probe(root, attributes, **common,
-                                   features=run_features(by_fold, root, names, attributes, channels))
+                                   features=run_features(by_fold, root, dataset.names, attributes, channels))
     return {"zoo": root, "runs": {f: str(r.workdir) for f, r in sorted(by_fold.items())},
             "channels": channels, "decide": decide, "images": images, "fingerprints": fingerprints}
 
@@ -105,4 +105,4 @@ def markdown(result: Mapping) -> str:
         fp = result["fingerprints"][name]
         rows.append(f"| {img['title']} | {img['f1']:.3f} (p={img['p']:.4f}) | {fp['f1']:.3f} "
                     f"(p={fp['p']:.4f}) | {img['f1_image']:.3f} | {fp['f1_image']:.3f} | {img['generators']} |")
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n"

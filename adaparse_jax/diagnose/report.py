@@ -166,11 +166,13 @@ def markdown(report: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Mapping, out: str | os.PathLike) -> dict[str, str]:
+def write_report(report: Mapping, out: str | os.PathLike, *, render=None,
+                 names: tuple[str, str] = (MARKDOWN, JSON)) -> dict[str, str]:
+    """Write `render(report)` (default `markdown`) and the report as JSON into `out` under `names`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / MARKDOWN, "json": out / JSON}
-    paths["markdown"].write_text(markdown(report))
+    paths = {"markdown": out / names[0], "json": out / names[1]}
+    paths["markdown"].write_text((render or markdown)(report))
     paths["json"].write_text(json.dumps(report, indent=1))
     return {k: str(v) for k, v in paths.items()}
 
